@@ -1,0 +1,73 @@
+"""What every Mai actor shares: Init/Peers wiring, Ping, logging set up inside its own process, typed
+failures instead of Thespian's retry-then-PoisonMessage, and a log line for messages nobody handles."""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from typing import Any
+
+import bootstrap.loopback  # noqa: F401  (re-applies the loopback bind in spawned processes)
+from thespian.actors import ActorTypeDispatcher
+
+from bootstrap.logs import configure_structlog, get_logger
+from messages.failure import Failure
+from messages.system import Init, Peers, Ping, Pong
+
+
+class MaiActor(ActorTypeDispatcher):
+    """Subclasses set `role` and implement `on_init(init)`; handlers stay thin and call pure cores."""
+
+    role = "actor"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.config: Any = None
+        self.peers: dict[str, Any] = {}
+        self.started_at = time.time()
+        self.log = get_logger(f"mai.{self.role}")
+
+    # --- wiring -------------------------------------------------------------------------------------------
+    def receiveMsg_Init(self, msg: Init, sender: Any) -> None:
+        first = self.config is None
+        self.config = msg.config
+        self.peers = dict(msg.peers)
+        if first:
+            configure_structlog(msg.config.logging.level)
+        self.log.info("actor.init", role=self.role, pid=os.getpid(), restart_count=msg.restart_count)
+        self.guarded("", sender, self.on_init, msg)
+
+    def receiveMsg_Peers(self, msg: Peers, sender: Any) -> None:
+        self.peers = dict(msg.peers)
+        self.on_peers()
+
+    def receiveMsg_Ping(self, msg: Ping, sender: Any) -> None:
+        self.send(sender, Pong(msg.request_id, self.role, os.getpid(), self.started_at))
+
+    def receiveUnrecognizedMessage(self, msg: Any, sender: Any) -> None:
+        # Thespian drops unknown types silently; say so, and answer requests with a typed failure.
+        self.log.warning("message.unrecognized", role=self.role, message_type=type(msg).__name__)
+        request_id = getattr(msg, "request_id", None)
+        if isinstance(request_id, str):
+            self.send(sender, Failure(request_id, "invalid_request", f"{self.role} does not accept {type(msg).__name__}"))
+
+    # --- hooks ----------------------------------------------------------------------------------------------
+    def on_init(self, init: Init) -> None:
+        """Rebuild state from the world (reconcile); called on first start and after every restart."""
+
+    def on_peers(self) -> None:
+        """A peer was restarted and has a new address."""
+
+    # --- helpers --------------------------------------------------------------------------------------------
+    def guarded(self, request_id: str, reply_to: Any, fn: Any, *args: Any) -> Any:
+        """Run `fn`; an exception becomes a typed Failure reply (Thespian would otherwise re-run the handler,
+        repeating side effects such as a model load, then send a PoisonMessage)."""
+        try:
+            return fn(*args)
+        except Exception as err:  # noqa: BLE001 - the one place where anything is turned into a typed failure
+            self.log.error("handler.failed", role=self.role, error=str(err), error_type=type(err).__name__,
+                           trace=traceback.format_exc(limit=5))
+            if reply_to is not None and request_id:
+                self.send(reply_to, Failure.from_error(request_id, err))
+            return None

@@ -1,0 +1,141 @@
+"""ModeCoordinator: owns the mode, the plan in progress and the GPU gate. Never blocks: every message goes to the
+pure core (`mai.core.coordinator`), and this shell only executes the effects the core returns — send a step,
+reply, publish to subscribers, set a timer, log, persist a learned footprint."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from thespian.actors import WakeupMessage
+
+from actors.base import MaiActor
+from mai.core.coordinator import (
+    Coordinator,
+    CoordinatorSettings,
+    Log,
+    PersistFootprint,
+    Publish,
+    Reply,
+    SendStep,
+    Tick,
+    WakeAt,
+)
+from mai.core.subscriptions import Subscribers
+from messages.events import ModeChanged
+from messages.requests import Subscribe, Subscribed, Unsubscribe, Unsubscribed
+from messages.steps import Reobserve, WatchVram
+from messages.system import Init
+
+# Messages the core decides on; each gets a one-line handler that hands it over.
+CORE_MESSAGES = (
+    "SetMode", "EnsureVlm", "AcquireLease", "ReleaseLease", "PlaceClip", "GetStatus",
+    "VlmObserved", "ClipObserved", "PartHealth", "ResourceChanged", "VramReading",
+    "VlmLoaded", "VlmUnloaded", "ClipMoved", "VramRecovered", "StepFailed", "ModelSwitched",
+)
+
+
+def _json_load(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _json_save(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    os.chmod(tmp, 0o600)
+    tmp.replace(path)  # atomic: a crash never leaves half a file
+
+
+class ModeCoordinator(MaiActor):
+    role = "coordinator"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.core: Coordinator | None = None
+        self.subscribers = Subscribers()
+        self.wakeups: set[float] = set()  # pending wakeup times (Thespian cannot cancel a wakeup)
+
+    # --- state files ------------------------------------------------------------------------------------------
+    def _path(self, name: str) -> Path:
+        return Path(self.config.system.state_dir) / name
+
+    def on_init(self, init: Init) -> None:
+        footprints = _json_load(self._path("footprints.json")) or {}
+        saved_mode = (_json_load(self._path("mode.json")) or {}).get("mode")
+        settings = CoordinatorSettings.from_config(init.config)
+        initial = saved_mode if saved_mode in settings.modes else None
+        self.core = Coordinator(settings, time.time(), learned_footprints=footprints, initial_mode=initial)
+        self.log.info("coordinator.ready", mode=self.core.mode, restored_mode=initial or "", learned=sorted(footprints))
+        self._wire()
+
+    def on_peers(self) -> None:
+        self._wire()
+
+    def _wire(self) -> None:
+        """(Re)connect to the executors: watch VRAM, and ask the others what they observe now (reconcile)."""
+        if self.peers.get("sampler") is not None:
+            self.send(self.peers["sampler"], WatchVram("coordinator"))
+        for role in ("vlm", "clip"):
+            if self.peers.get(role) is not None:
+                self.send(self.peers[role], Reobserve())
+
+    # --- the core ---------------------------------------------------------------------------------------------
+    def _to_core(self, msg: Any, sender: Any) -> None:
+        if self.core is None:
+            return  # not initialised yet: the supervisor's Init is always first in this mailbox
+        request_id = getattr(msg, "request_id", "")
+        effects = self.guarded(request_id, sender, self.core.handle, msg, sender, time.time())
+        for effect in effects or ():
+            self._execute(effect)
+
+    def _execute(self, effect: Any) -> None:
+        if isinstance(effect, SendStep):
+            target = self.peers.get(effect.target)
+            self.send(target, effect.message)
+        elif isinstance(effect, Reply):
+            self.send(effect.to, effect.message)
+        elif isinstance(effect, Publish):
+            for subscriber in self.subscribers.live(time.time()):
+                self.send(subscriber, effect.event)
+            if isinstance(effect.event, ModeChanged):
+                _json_save(self._path("mode.json"), {"mode": effect.event.mode})
+        elif isinstance(effect, WakeAt):
+            self._wake_at(effect.at)
+        elif isinstance(effect, Log):
+            self.log.info(effect.event, **dict(effect.fields))
+        elif isinstance(effect, PersistFootprint):
+            path = self._path("footprints.json")
+            data = _json_load(path) or {}
+            data[effect.model] = effect.nbytes
+            _json_save(path, data)
+
+    def _wake_at(self, at: float) -> None:
+        now = time.time()
+        if any(pending <= at + 0.005 for pending in self.wakeups if pending >= now - 1):
+            return  # an earlier wakeup will come first; its tick re-plans anyway
+        self.wakeups.add(at)
+        self.wakeupAfter(datetime.timedelta(seconds=max(0.0, at - now)), payload=at)
+
+    def receiveMsg_WakeupMessage(self, msg: WakeupMessage, sender: Any) -> None:
+        self.wakeups.discard(msg.payload)
+        self._to_core(Tick(), None)
+
+    # --- subscriptions ------------------------------------------------------------------------------------------
+    def receiveMsg_Subscribe(self, msg: Subscribe, sender: Any) -> None:
+        self.subscribers.add(sender, time.time(), msg.ttl_s)
+        self.send(sender, Subscribed(msg.request_id, msg.ttl_s))
+
+    def receiveMsg_Unsubscribe(self, msg: Unsubscribe, sender: Any) -> None:
+        self.subscribers.remove(sender)
+        self.send(sender, Unsubscribed(msg.request_id))
+
+
+for _name in CORE_MESSAGES:
+    setattr(ModeCoordinator, f"receiveMsg_{_name}", ModeCoordinator._to_core)

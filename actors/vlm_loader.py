@@ -1,0 +1,141 @@
+"""VlmLoader: owns the Ollama adapter. Executes the load/unload steps the coordinator grants (retried with
+backoff, timed out, idempotent, verified against /api/ps), probes Ollama while it is unreachable, and reports
+what it observes. It blocks only its own mailbox while a load runs; status lives in the coordinator."""
+
+from __future__ import annotations
+
+import datetime
+import time
+from typing import Any, Callable
+
+from thespian.actors import WakeupMessage
+
+from actors.base import MaiActor
+from mai.core.retry import Backoff, is_retryable
+from messages.errors import MaiError
+from messages.failure import Failure
+from messages.steps import LoadVlm, PartHealth, Reobserve, StepFailed, UnloadVlm, VlmLoaded, VlmObserved, VlmUnloaded
+from messages.system import Init
+
+RECONCILE_EVERY_S = 10.0  # notice external changes (another client's keep_alive, an Ollama restart)
+
+
+class VlmLoader(MaiActor):
+    role = "vlm"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.adapter: Any = None
+        self.healthy: bool | None = None
+        self.observed: VlmObserved | None = None
+        self.probe_failures = 0
+        self.timer_running = False
+
+    def on_init(self, init: Init) -> None:
+        from backends.ollama import OllamaAdapter
+
+        o = init.config.ollama
+        if self.adapter is not None:
+            self.adapter.close()
+        self.adapter = OllamaAdapter(o.host, num_ctx=o.num_ctx, request_timeout_s=o.request_timeout_s, load_timeout_s=o.load_timeout_s)
+        self._probe()
+        if not self.timer_running:
+            self.timer_running = True
+            self.wakeupAfter(datetime.timedelta(seconds=self._next_probe_s()))
+
+    # --- observing Ollama ---------------------------------------------------------------------------------------
+    def _coordinator(self) -> Any:
+        return self.peers.get("coordinator")
+
+    def _report(self, message: Any) -> None:
+        if self._coordinator() is not None:
+            self.send(self._coordinator(), message)
+
+    def _probe(self) -> None:
+        model = self.config.ollama.vlm_model
+        try:
+            self.adapter.version()
+            state = self.adapter.state_of(model)
+        except MaiError as err:
+            self.probe_failures += 1
+            if self.healthy is not False:
+                self.log.warning("vlm.degraded", reason=str(err), host=self.config.ollama.host)
+            self.healthy = False
+            self._report(PartHealth("vlm", False, f"Ollama unreachable at {self.config.ollama.host}: {err}"))
+            return
+        if self.healthy is not True:
+            self.log.info("vlm.reachable", host=self.config.ollama.host)
+            self._report(PartHealth("vlm", True))
+        self.healthy, self.probe_failures = True, 0
+        observed = VlmObserved(model, state is not None, state.size_bytes if state else 0, state.size_vram_bytes if state else 0)
+        if observed != self.observed:
+            self.observed = observed
+            self._report(observed)
+
+    def _next_probe_s(self) -> float:
+        o = self.config.ollama
+        if self.healthy:
+            return RECONCILE_EVERY_S
+        return Backoff(o.probe_backoff_initial_s, o.probe_backoff_max_s).delay(self.probe_failures + 1)
+
+    def receiveMsg_WakeupMessage(self, msg: WakeupMessage, sender: Any) -> None:
+        self.guarded("", None, self._probe)
+        self.wakeupAfter(datetime.timedelta(seconds=max(0.1, self._next_probe_s())))
+
+    def receiveMsg_Reobserve(self, msg: Reobserve, sender: Any) -> None:
+        self.observed = None
+        self.healthy = None
+        self.guarded("", None, self._probe)
+
+    # --- steps ------------------------------------------------------------------------------------------------
+    def _with_retries(self, what: str, fn: Callable[[], Any]) -> tuple[Any, int]:
+        o = self.config.ollama
+        backoff = Backoff(o.retry_backoff_s, max(o.retry_backoff_s, 10.0))
+        attempts = max(1, o.retries)
+        for attempt in range(1, attempts + 1):
+            time.sleep(backoff.delay(attempt))
+            try:
+                return fn(), attempt
+            except MaiError as err:
+                self.log.warning(f"vlm.{what}.attempt_failed", attempt=attempt, of=attempts, reason=err.reason.value, error=str(err))
+                if attempt == attempts or not is_retryable(err):
+                    raise
+        raise AssertionError("unreachable")
+
+    def receiveMsg_LoadVlm(self, msg: LoadVlm, sender: Any) -> None:
+        began = time.monotonic()
+        try:
+            # Idempotent: a load step delivered twice finds the model already there and reports it.
+            state = self.adapter.state_of(msg.model)
+            attempts = 0
+            if state is None:
+                state, attempts = self._with_retries("load", lambda: self.adapter.load(msg.model))
+        except MaiError as err:
+            self._step_failed(msg.step_id, sender, err)
+            return
+        load_s = time.monotonic() - began
+        if state.partial_offload:
+            self.log.warning("vlm.partial_offload", model=msg.model, size=state.size_bytes, size_vram=state.size_vram_bytes)
+        self.log.info("vlm.loaded", model=msg.model, load_s=round(load_s, 3), attempts=attempts, size_vram=state.size_vram_bytes)
+        self.observed = VlmObserved(msg.model, True, state.size_bytes, state.size_vram_bytes)
+        self.send(sender, VlmLoaded(msg.step_id, msg.model, state.size_bytes, state.size_vram_bytes, load_s, max(1, attempts)))
+
+    def receiveMsg_UnloadVlm(self, msg: UnloadVlm, sender: Any) -> None:
+        began = time.monotonic()
+        wait_s = self.config.ollama.unload_timeout_s
+        try:
+            _, attempts = self._with_retries("unload", lambda: self.adapter.unload(msg.model, wait_gone_s=wait_s))
+        except MaiError as err:
+            self._step_failed(msg.step_id, sender, err)
+            return
+        unload_s = time.monotonic() - began
+        self.log.info("vlm.unloaded", model=msg.model, unload_s=round(unload_s, 3), attempts=attempts)
+        self.observed = VlmObserved(msg.model, False)
+        self.send(sender, VlmUnloaded(msg.step_id, msg.model, unload_s, attempts))
+
+    def _step_failed(self, step_id: str, sender: Any, err: MaiError) -> None:
+        self.log.error("vlm.step_failed", step_id=step_id, reason=err.reason.value, error=str(err))
+        if err.reason.value == "backend_unreachable":
+            self.healthy = False
+            self.send(sender, PartHealth("vlm", False, f"Ollama unreachable at {self.config.ollama.host}: {err}"))
+        self.send(sender, StepFailed(step_id, Failure.from_error(step_id, err)))

@@ -1,0 +1,63 @@
+"""`python -m bootstrap`: start Mai's actor system in the foreground; Ctrl-C (or SIGTERM) stops it.
+
+`mai start` runs this same program detached, with its output in `<state_dir>/console.log`."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from typing import Any
+
+from bootstrap import system as boot
+
+
+def run_foreground(cfg: Any, *, console_logs: bool = True, out: Any = sys.stdout) -> int:
+    try:
+        info = boot.start(cfg, console_logs=console_logs)
+    except Exception as err:  # noqa: BLE001 - reported as a sentence, not a traceback
+        print(f"mai: {err}", file=sys.stderr)
+        return 1
+    print(
+        f"Mai {info.version} running on {cfg.system.bind_address}:{cfg.system.admin_port} "
+        f"(state dir {cfg.system.state_dir}); actors: {', '.join(c.role for c in info.children)}. "
+        "Press Ctrl-C to stop.",
+        file=out,
+        flush=True,
+    )
+    stopping = {"flag": False}
+
+    def request_stop(signum: int, _frame: Any) -> None:
+        stopping["flag"] = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    while not stopping["flag"]:
+        time.sleep(0.2)
+        if not boot._port_open(cfg.system.bind_address, cfg.system.admin_port):
+            print("mai: the actor system has stopped", file=out, flush=True)
+            return 0
+    report = boot.stop(cfg)
+    killed = f"; killed {len(report.killed)} leftover processes" if report.killed else ""
+    print(f"Mai stopped in {report.duration_s:.2f} s{killed}", file=out, flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from config import ConfigError, load_config
+
+    parser = argparse.ArgumentParser(prog="python -m bootstrap", description=__doc__)
+    parser.add_argument("--config", help="a YAML file on top of the defaults (also: MAI_CONFIG)")
+    parser.add_argument("--quiet", action="store_true", help="no log lines on the console")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as err:
+        print(f"mai: {err}", file=sys.stderr)
+        return 2
+    return run_foreground(cfg, console_logs=not args.quiet)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,289 @@
+"""`mai`: start, stop and watch the GPU arbiter; switch modes. `python -m mai` is the same program."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from messages.errors import MaiError
+
+EPILOG = """\
+examples:
+  mai start                     start Mai in the background (logs in <state_dir>/mai.log)
+  mai start --foreground        run in this terminal; Ctrl-C stops it
+  mai status                    mode, VRAM, VLM, CLIP, degraded parts, actors
+  mai status --json             the same as JSON, for scripts
+  mai mode recording --wait     move CLIP to the CPU, load the VLM, return when done
+  mai events --follow           print events as they happen
+  mai stop                      stop Mai and everything it started
+
+configuration: config/default.yaml, then --config FILE (or MAI_CONFIG), then MAI_SECTION__KEY variables,
+e.g. MAI_OLLAMA__HOST=http://127.0.0.1:11434 or MAI_SYSTEM__ADMIN_PORT=19800.
+"""
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from config import load_config
+
+    return load_config(args.config)
+
+
+def _emit(args: argparse.Namespace, data: dict, text: str) -> None:
+    print(json.dumps(data, indent=2, default=str) if getattr(args, "json", False) else text)
+
+
+# --- start / stop ---------------------------------------------------------------------------------------------
+def cmd_start(args: argparse.Namespace) -> int:
+    from bootstrap import system as boot
+
+    cfg = _load(args)
+    if args.foreground:
+        from bootstrap.__main__ import run_foreground
+
+        return run_foreground(cfg, console_logs=True)
+    probe = boot.probe_admin(cfg)
+    if probe.kind != "none":
+        _emit(args, {"started": False, "running": probe.__dict__}, f"mai: not starting: {probe.describe()}")
+        return 0 if probe.kind == "mai" else 1
+    state_dir = boot.prepare_state_dir(cfg)
+    console_log = state_dir / "console.log"
+    command = [sys.executable, "-m", "bootstrap", "--quiet"] + (["--config", args.config] if args.config else [])
+    with open(console_log, "ab") as out:
+        os.chmod(console_log, 0o600)
+        child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
+    deadline = time.monotonic() + cfg.system.start_timeout_s + 5
+    while time.monotonic() < deadline:
+        if child.poll() is not None:
+            tail = console_log.read_text(errors="replace").strip().splitlines()[-5:]
+            print("mai: start failed:\n  " + "\n  ".join(tail), file=sys.stderr)
+            return 1
+        if boot.probe_admin(cfg).kind == "mai" and _supervisor_answers(cfg):
+            _emit(args, {"started": True, "port": cfg.system.admin_port, "pid": child.pid, "state_dir": str(state_dir)},
+                  f"Mai started on {cfg.system.bind_address}:{cfg.system.admin_port} (state dir {state_dir}). "
+                  "`mai status` shows what it is doing; `mai stop` stops it.")
+            return 0
+        time.sleep(0.2)
+    print(f"mai: Mai did not come up within {cfg.system.start_timeout_s:.0f} s; see {console_log}", file=sys.stderr)
+    return 1
+
+
+def _supervisor_answers(cfg: Any) -> bool:
+    from mai.client import MaiClient
+    from bootstrap import system as boot
+
+    try:
+        client = MaiClient(cfg, boot.attach(cfg))
+    except MaiError:
+        return False
+    try:
+        info = client.system_info(2.0)
+        return all(child.address is not None for child in info.children)
+    except MaiError:
+        return False
+    finally:
+        client.close()
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from bootstrap import system as boot
+
+    cfg = _load(args)
+    report = boot.stop(cfg)
+    if not report.was_running:
+        _emit(args, report.to_dict(), f"Mai is not running (nothing on port {cfg.system.admin_port}).")
+        return 0
+    killed = "".join(f"\n  killed pid {k['pid']} ({k['name']})" for k in report.killed)
+    _emit(args, report.to_dict(), f"Mai stopped in {report.duration_s:.2f} s." + (killed or " Nothing had to be killed."))
+    return 0
+
+
+# --- status ---------------------------------------------------------------------------------------------------
+def _mib(nbytes: int | None) -> str:
+    return "?" if nbytes is None else f"{nbytes / 2**20:,.0f} MiB"
+
+
+def _bar(used: int, total: int, width: int = 30) -> str:
+    filled = round(width * used / total) if total else 0
+    return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
+def status_data(client: Any) -> dict:
+    info = client.system_info()
+    pongs = client.ping_all()
+    data: dict[str, Any] = {
+        "running": True,
+        "version": info.version,
+        "address": f"{client.config.system.bind_address}:{client.config.system.admin_port}",
+        "uptime_s": round(time.time() - info.started_at, 1),
+        "actors": [
+            {"role": c.role, "answers": pongs.get(c.role) is not None,
+             "pid": getattr(pongs.get(c.role), "pid", None), "restarts": c.restarts}
+            for c in info.children
+        ],
+        "config": info.config,
+    }
+    try:
+        data["gpu"] = client.get_status().to_dict()
+    except MaiError as err:
+        data["gpu"] = None
+        data["gpu_error"] = str(err)
+    return data
+
+
+def status_text(data: dict) -> str:
+    lines = [f"Mai {data['version']} on {data['address']}, up {data['uptime_s']:.0f} s"]
+    gpu = data.get("gpu")
+    if gpu:
+        lines.append(f"mode       {gpu['mode']}" + (f" (switching to {gpu['target_mode']})" if gpu["target_mode"] != gpu["mode"] else ""))
+        vram = gpu.get("vram")
+        if vram:
+            what = vram["device_name"] if vram["gpu_present"] else "no GPU, host memory"
+            lines.append(f"vram       {_bar(vram['used_bytes'], vram['total_bytes'])} {_mib(vram['used_bytes'])} used / "
+                         f"{_mib(vram['total_bytes'])} ({what}, via {vram['source']}); reserve {_mib(gpu['reserve_bytes'])}")
+        vlm = gpu["vlm"]
+        offload = " PARTIAL CPU OFFLOAD" if vlm.get("partial_offload") else ""
+        lines.append(f"vlm        {vlm['model']}: {vlm['state']}{offload}, footprint {_mib(vlm['footprint_bytes'])}"
+                     f"{' (measured)' if vlm['footprint_learned'] else ' (declared)'}, leases {vlm['leases']}")
+        clip = gpu["clip"]
+        lines.append(f"clip       {clip['model']} on {clip['device']}, {_mib(clip['footprint_bytes'])}"
+                     + ("" if clip["ready"] else " (not ready)"))
+        lines.append(f"chat       {gpu.get('chat_model') or '-'}")
+        if gpu.get("step_in_flight") or gpu.get("plan"):
+            lines.append(f"plan       now: {gpu.get('step_in_flight') or '-'}; next: {', '.join(gpu['plan']) or '-'}")
+        for part in gpu.get("degraded", []):
+            lines.append(f"degraded   {part['part']}: {part['reason']}")
+    elif data.get("gpu_error"):
+        lines.append(f"gpu        status unavailable: {data['gpu_error']}")
+    actors = ", ".join(f"{a['role']}{'' if a['answers'] else ' (NOT ANSWERING)'}"
+                       + (f" restarted {a['restarts']}x" if a["restarts"] else "") for a in data["actors"])
+    lines.append(f"actors     {actors}")
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from mai.client import connect
+
+    cfg = _load(args)
+    try:
+        client = connect(config=cfg)
+    except MaiError as err:
+        _emit(args, {"running": False, "reason": str(err)}, f"mai: {err}")
+        return 3
+    try:
+        data = status_data(client)
+    finally:
+        client.close()
+    _emit(args, data, status_text(data))
+    return 0
+
+
+# --- modes and events -------------------------------------------------------------------------------------------
+def cmd_mode(args: argparse.Namespace) -> int:
+    from mai.client import connect
+
+    cfg = _load(args)
+    with connect(config=cfg) as client:
+        reply = client.set_mode(args.mode, wait=args.wait, timeout_s=args.timeout)
+    if args.wait:
+        _emit(args, {"mode": reply.mode, "duration_s": reply.duration_s, "steps": list(reply.steps)},
+              f"mode {reply.mode} reached in {reply.duration_s:.2f} s" + (f": {'; '.join(reply.steps)}" if reply.steps else ""))
+    else:
+        _emit(args, {"mode": reply.mode, "plan": list(reply.plan)},
+              f"mode {reply.mode} accepted" + (f"; plan: {'; '.join(reply.plan)}" if reply.plan else "; nothing to change"))
+    return 0
+
+
+def _event_dict(event: Any) -> dict:
+    from dataclasses import asdict, is_dataclass
+
+    data = asdict(event) if is_dataclass(event) else {"value": repr(event)}
+    return {"type": type(event).__name__, **data}
+
+
+def _event_text(event: Any) -> str:
+    data = _event_dict(event)
+    kind = data.pop("type")
+    at = time.strftime("%H:%M:%S", time.localtime(data.pop("at", time.time())))
+    if kind == "ResourceChanged":
+        snap = data["snapshot"]
+        return f"{at} {kind}: used {_mib(snap['used_bytes'])} of {_mib(snap['total_bytes'])} ({data['delta_used_bytes'] / 2**20:+,.0f} MiB)"
+    return f"{at} {kind}: " + " ".join(f"{k}={v}" for k, v in data.items())
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    from mai.client import connect
+
+    cfg = _load(args)
+    with connect(config=cfg) as client:
+        deadline = None if args.follow else time.monotonic() + args.duration
+        try:
+            for event in client.subscribe():
+                print(json.dumps(_event_dict(event), default=str) if args.json else _event_text(event), flush=True)
+                if deadline is not None and time.monotonic() > deadline:
+                    break
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+# --- parser -------------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mai",
+        description="Mai keeps one GPU arranged for what your agent does now: the VLM (Ollama), "
+        "the OpenCLIP model and the chat model never fight over VRAM.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", default=None, help="YAML file on top of the defaults (default: $MAI_CONFIG)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, fn: Callable[[argparse.Namespace], int], text: str, json_flag: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=text, description=text)
+        p.set_defaults(fn=fn)
+        if json_flag:
+            p.add_argument("--json", action="store_true", help="machine-readable output")
+        return p
+
+    p = add("start", cmd_start, "start Mai's actor system (in the background unless --foreground)")
+    p.add_argument("--foreground", action="store_true", help="stay in this terminal with live logs; Ctrl-C stops Mai")
+    add("stop", cmd_stop, "stop Mai within a bounded time, killing what does not exit (and saying so)")
+    add("status", cmd_status, "mode, VRAM, VLM, CLIP, chat model, degraded parts, plan in progress, actors")
+    p = add("mode", cmd_mode, "switch mode: autopilot (VLM unloaded, CLIP on the GPU), recording "
+            "(CLIP on the CPU, VLM loaded) or idle (no change)")
+    p.add_argument("mode", help="autopilot, recording, idle, or a mode added in your config")
+    p.add_argument("--wait", action="store_true", help="return when the mode is reached, not when it is accepted")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait with --wait (default 120)")
+    p = add("events", cmd_events, "print events: mode changes, VRAM changes, idle unloads, degraded parts")
+    p.add_argument("--follow", action="store_true", help="keep printing until Ctrl-C")
+    p.add_argument("--duration", type=float, default=10.0, help="without --follow: seconds to listen (default 10)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ConfigError as err:
+        print(f"mai: {err}", file=sys.stderr)
+        return 2
+    except MaiError as err:
+        if getattr(args, "json", False):
+            print(json.dumps({"error": err.reason.value, "message": str(err), "details": err.details}, default=str))
+        else:
+            print(f"mai: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,282 @@
+"""The client an ExecutionLoop imports: `mai.connect()` → `MaiClient`.
+
+Thespian's external handle is not thread-safe and `ask` returns whatever arrives next (reference thespian.md §5),
+so each thread gets its own private endpoint and every reply is matched by request id. Every call has a timeout
+and raises a `MaiError` subclass whose `.reason` says why.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from bootstrap import system as boot
+from messages.base import new_request_id
+from messages.errors import InvalidRequest, MaiError, NotRunning, OperationTimeout
+from messages.failure import Failure
+from messages.requests import (
+    AcquireLease,
+    ClipDeviceIs,
+    ClipPlaced,
+    EmbedImages,
+    EmbedTexts,
+    Embeddings,
+    EnsureVlm,
+    GetClipDevice,
+    GetStatus,
+    LeaseGranted,
+    LeaseReleased,
+    ModeAccepted,
+    ModeReached,
+    PlaceClip,
+    ReleaseLease,
+    SetMode,
+    Subscribe,
+    Unsubscribe,
+    VlmReady,
+)
+from messages.status import Status
+from messages.system import Ping, Pong, SystemInfo
+
+_SLACK_S = 2.0  # the actor answers at its own deadline; wait a little longer than that for the reply
+
+
+class MaiClient:
+    def __init__(self, cfg: Any, asys: Any) -> None:
+        from thespian.actors import ExternalContext
+
+        self.config = cfg
+        self._asys = asys
+        self._context_cls = ExternalContext
+        self._local = threading.local()
+        self._contexts: list[Any] = []
+        self._lock = threading.Lock()  # guards the address cache and the context list only, never an ask
+        self._info: SystemInfo | None = None
+        self._supervisor = boot.supervisor_address(asys)
+
+    # --- plumbing ---------------------------------------------------------------------------------------------
+    def _context(self) -> Any:
+        ctx = getattr(self._local, "ctx", None)
+        if ctx is None:
+            ctx = self._context_cls(self._asys._systemBase.external_clone())
+            self._local.ctx = ctx
+            with self._lock:
+                self._contexts.append(ctx)
+        return ctx
+
+    def _ask_address(self, address: Any, message: Any, timeout_s: float) -> Any:
+        request_id = message.request_id
+        ctx = self._context()
+        deadline = time.monotonic() + timeout_s
+        reply = ctx.ask(address, message, timeout_s)
+        while reply is not None and getattr(reply, "request_id", None) != request_id:
+            remaining = deadline - time.monotonic()  # a late reply to an earlier, timed-out ask: skip it
+            if remaining <= 0:
+                reply = None
+                break
+            reply = ctx.listen(remaining)
+        if reply is None:
+            raise OperationTimeout(f"no answer to {type(message).__name__} within {timeout_s:.1f} s")
+        if isinstance(reply, Failure):
+            raise reply.to_error()
+        return reply
+
+    def system_info(self, timeout_s: float | None = None) -> SystemInfo:
+        timeout_s = timeout_s or self.config.system.ask_timeout_s
+        info = self._ask_address(self._supervisor, _get_system_info(), timeout_s)
+        with self._lock:
+            self._info = info
+        return info
+
+    def _address(self, role: str) -> Any:
+        with self._lock:
+            info = self._info
+        if info is None or info.address_of(role) is None:
+            info = self.system_info()
+        address = info.address_of(role)
+        if address is None:
+            raise NotRunning(f"the {role} actor is restarting; try again in a moment")
+        return address
+
+    def _ask(self, role: str, message: Any, timeout_s: float) -> Any:
+        try:
+            return self._ask_address(self._address(role), message, timeout_s)
+        except OperationTimeout:
+            with self._lock:
+                self._info = None  # the actor may have been restarted at a new address
+            raise
+
+    # --- modes and the VLM ------------------------------------------------------------------------------------
+    def set_mode(self, mode: str, *, wait: bool = False, timeout_s: float = 120.0) -> ModeAccepted | ModeReached:
+        return self._ask("coordinator", SetMode(new_request_id(), mode, wait, timeout_s), timeout_s + _SLACK_S)
+
+    def ensure_vlm_loaded(self, timeout_s: float = 120.0) -> VlmReady:
+        return self._ask("coordinator", EnsureVlm(new_request_id(), True, timeout_s), timeout_s + _SLACK_S)
+
+    def ensure_vlm_unloaded(self, timeout_s: float = 120.0) -> VlmReady:
+        return self._ask("coordinator", EnsureVlm(new_request_id(), False, timeout_s), timeout_s + _SLACK_S)
+
+    def vlm(self, holder: str | None = None, *, ttl_s: float | None = None, timeout_s: float = 120.0) -> "Lease":
+        """A lease on the VLM: loaded on demand, never unloaded while held. Use as a context manager; call
+        Ollama directly at `lease.host` with `lease.model` and `options={"num_ctx": lease.num_ctx}`."""
+        ttl = ttl_s if ttl_s is not None else self.config.ollama.lease_ttl_s
+        message = AcquireLease(new_request_id(), holder or f"pid-{_pid()}", ttl, timeout_s)
+        granted: LeaseGranted = self._ask("coordinator", message, timeout_s + _SLACK_S)
+        return Lease(self, granted)
+
+    def release_lease(self, lease_id: str) -> LeaseReleased:
+        return self._ask("coordinator", ReleaseLease(new_request_id(), lease_id), self.config.system.ask_timeout_s)
+
+    # --- CLIP ---------------------------------------------------------------------------------------------------
+    def embed_images(self, images: Sequence[str | Path] | Any, timeout_s: float = 60.0) -> Any:
+        """Embed images given as file paths, or as a uint8 array (n, H, W, 3) passed through shared memory."""
+        if isinstance(images, (list, tuple)) and all(isinstance(p, (str, Path)) for p in images):
+            paths = tuple(str(Path(p).resolve()) for p in images)
+            return self._ask("clip", EmbedImages(new_request_id(), paths), timeout_s).vectors
+        return self._embed_array(images, timeout_s)
+
+    def _embed_array(self, array: Any, timeout_s: float) -> Any:
+        from multiprocessing import shared_memory
+
+        import numpy as np
+
+        arr = np.ascontiguousarray(array, dtype=np.uint8)
+        if arr.ndim != 4 or arr.shape[3] != 3:
+            raise InvalidRequest(f"images: got an array of shape {arr.shape}; accepted: file paths or uint8 (n, H, W, 3)")
+        shm = shared_memory.SharedMemory(create=True, size=arr.nbytes)
+        try:
+            np.ndarray(arr.shape, dtype=np.uint8, buffer=shm.buf)[:] = arr
+            message = EmbedImages(new_request_id(), (), shm.name, tuple(int(x) for x in arr.shape))
+            return self._ask("clip", message, timeout_s).vectors
+        finally:
+            shm.close()
+            shm.unlink()
+
+    def embed_texts(self, texts: Sequence[str], timeout_s: float = 60.0) -> Any:
+        reply: Embeddings = self._ask("clip", EmbedTexts(new_request_id(), tuple(texts)), timeout_s)
+        return reply.vectors
+
+    def get_clip_device(self) -> str:
+        reply: ClipDeviceIs = self._ask("clip", GetClipDevice(new_request_id()), self.config.system.ask_timeout_s)
+        return reply.device
+
+    def migrate_clip_to_gpu(self, timeout_s: float = 60.0) -> str:
+        reply: ClipPlaced = self._ask("coordinator", PlaceClip(new_request_id(), "gpu", timeout_s), timeout_s + _SLACK_S)
+        return reply.device
+
+    def migrate_clip_to_cpu(self, timeout_s: float = 60.0) -> str:
+        reply: ClipPlaced = self._ask("coordinator", PlaceClip(new_request_id(), "cpu", timeout_s), timeout_s + _SLACK_S)
+        return reply.device
+
+    # --- status and events -----------------------------------------------------------------------------------
+    def get_status(self, timeout_s: float | None = None) -> Status:
+        return self._ask("coordinator", GetStatus(new_request_id()), timeout_s or self.config.system.ask_timeout_s)
+
+    def ping_all(self, timeout_s: float = 1.0) -> dict[str, Pong | None]:
+        """Each actor's answer to a ping (None: it did not answer in time)."""
+        info = self.system_info()
+        answers: dict[str, Pong | None] = {}
+        for child in info.children:
+            try:
+                answers[child.role] = self._ask_address(child.address, Ping(new_request_id()), timeout_s) if child.address else None
+            except MaiError:
+                answers[child.role] = None
+        return answers
+
+    def subscribe(self, ttl_s: float = 30.0) -> Iterator[Any]:
+        """Yield events as they come (ModeChanged, ResourceChanged, IdleUnloaded, ...); renews the
+        subscription as it goes. Stop by breaking out of the loop."""
+        with self._asys.private() as ctx:
+            renew_at = 0.0
+            request_id = ""
+            try:
+                while True:
+                    now = time.monotonic()
+                    if now >= renew_at:
+                        request_id = new_request_id()
+                        ctx.tell(self._address("coordinator"), Subscribe(request_id, ttl_s))
+                        renew_at = now + ttl_s / 3
+                    message = ctx.listen(max(0.05, renew_at - time.monotonic()))
+                    if message is None or hasattr(message, "request_id"):
+                        continue  # a timeout, or the Subscribed acknowledgement
+                    yield message
+            finally:
+                try:
+                    ctx.tell(self._address("coordinator"), Unsubscribe(request_id))
+                except MaiError:
+                    pass
+
+    def close(self) -> None:
+        with self._lock:
+            contexts, self._contexts = self._contexts, []
+        for ctx in contexts:
+            try:
+                ctx.exit_clone()
+            except Exception:  # noqa: BLE001 - closing best effort
+                pass
+        boot._close(self._asys)
+
+    def __enter__(self) -> "MaiClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass
+class Lease:
+    """A held VLM lease. `with client.vlm() as lease:` releases it at the end of the block."""
+
+    client: MaiClient
+    granted: LeaseGranted
+    released: bool = False
+
+    @property
+    def model(self) -> str:
+        return self.granted.model
+
+    @property
+    def host(self) -> str:
+        return self.granted.host
+
+    @property
+    def num_ctx(self) -> int:
+        return self.granted.num_ctx
+
+    @property
+    def lease_id(self) -> str:
+        return self.granted.lease_id
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.client.release_lease(self.granted.lease_id)
+
+    def __enter__(self) -> "Lease":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _get_system_info() -> Any:
+    from messages.system import GetSystemInfo
+
+    return GetSystemInfo(new_request_id())
+
+
+def _pid() -> int:
+    import os
+
+    return os.getpid()
+
+
+def connect(config_path: str | Path | None = None, *, config: Any = None, timeout_s: float | None = None) -> MaiClient:
+    """Attach to the running Mai (started with `mai start`) using the same configuration it runs with."""
+    from config import load_config
+
+    cfg = config if config is not None else load_config(config_path)
+    return MaiClient(cfg, boot.attach(cfg, timeout_s))

@@ -1,0 +1,59 @@
+"""The VRAM sampler's decisions: when a reading is worth publishing, and when a wait-until-free is answered.
+
+Publishing every 250 ms sample would flood subscribers; a change of at least `threshold_bytes` since the last
+publication is news. Waits follow Ollama's own recovery rule: done when free memory rose by `fraction` of the
+expected bytes over the baseline, or at the deadline (answered incomplete, never left hanging)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from messages.events import ResourceChanged
+from messages.resources import VramSnapshot
+from messages.steps import VramRecovered, WaitVramFree
+
+
+@dataclass
+class _Wait:
+    request: WaitVramFree
+    reply_to: Any
+    started: float
+    deadline: float
+
+
+@dataclass
+class SamplerCore:
+    threshold_bytes: int
+    last: VramSnapshot | None = None
+    last_published_used: int | None = None
+    waits: list[_Wait] = field(default_factory=list)
+
+    def observe(self, snapshot: VramSnapshot, now: float) -> tuple[ResourceChanged | None, list[tuple[Any, VramRecovered]]]:
+        """Take a reading: maybe an event to publish, and the waits it answers."""
+        self.last = snapshot
+        event = None
+        if self.last_published_used is None:
+            self.last_published_used = snapshot.used_bytes
+        elif abs(snapshot.used_bytes - self.last_published_used) >= self.threshold_bytes:
+            event = ResourceChanged(snapshot, snapshot.used_bytes - self.last_published_used)
+            self.last_published_used = snapshot.used_bytes
+        return event, self._answer(snapshot, now)
+
+    def wait(self, request: WaitVramFree, reply_to: Any, now: float) -> None:
+        self.waits.append(_Wait(request, reply_to, now, now + request.timeout_s))
+
+    def _answer(self, snapshot: VramSnapshot, now: float) -> list[tuple[Any, VramRecovered]]:
+        answered, pending = [], []
+        for w in self.waits:
+            recovered = max(0, snapshot.free_bytes - w.request.baseline_free_bytes)
+            complete = recovered >= w.request.fraction * w.request.expected_bytes
+            if complete or now >= w.deadline:
+                answered.append((w.reply_to, VramRecovered(w.request.step_id, snapshot, recovered, now - w.started, complete)))
+            else:
+                pending.append(w)
+        self.waits = pending
+        return answered
+
+    def next_deadline(self) -> float | None:
+        return min((w.deadline for w in self.waits), default=None)

@@ -1,0 +1,76 @@
+"""Events published to subscribers (`mai events`, an ExecutionLoop's `subscribe()`): facts, named as nouns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+import time
+
+from messages.resources import VramSnapshot
+
+
+@dataclass(frozen=True)
+class ModeChanged:
+    mode: str
+    previous: str
+    duration_s: float
+    steps: tuple[str, ...]
+    at: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class ResourceChanged:
+    snapshot: VramSnapshot
+    delta_used_bytes: int  # since the previous publication
+    at: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class IdleUnloaded:
+    model: str
+    idle_s: float
+    at: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class PlacementChanged:
+    """The VLM or CLIP moved; `reason` says why (mode, lease, idle, manual, restart)."""
+
+    component: str  # "vlm" | "clip"
+    state: str  # "loaded" | "unloaded" | "cpu" | "gpu"
+    reason: str
+    at: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class Degraded:
+    part: str
+    reason: str
+    at: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class Recovered:
+    part: str
+    at: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class PlanRefused:
+    """A step was not attempted because it would not fit (invariant 12): says the bytes and what could yield."""
+
+    step: str
+    reason: str
+    needed_bytes: int
+    free_bytes: int
+    at: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class ModelSwitched:
+    previous: str | None
+    model: str
+    reason: str
+    at: float = field(default_factory=time.time)
+
+
+EVENT_TYPES = (ModeChanged, ResourceChanged, IdleUnloaded, PlacementChanged, Degraded, Recovered, PlanRefused, ModelSwitched)

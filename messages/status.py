@@ -1,0 +1,54 @@
+"""The complete status (invariant 11): mode, VRAM, VLM, CLIP, chat model, degraded parts, plan in progress."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from messages.resources import VramSnapshot
+
+
+@dataclass(frozen=True)
+class VlmStatus:
+    model: str
+    state: str  # unloaded | loading | loaded | unloading | unknown
+    size_bytes: int
+    size_vram_bytes: int
+    footprint_bytes: int  # learned (measured) or declared
+    footprint_learned: bool
+    leases: int
+    host: str
+
+    @property
+    def partial_offload(self) -> bool:
+        return 0 < self.size_vram_bytes < self.size_bytes
+
+
+@dataclass(frozen=True)
+class ClipStatus:
+    model: str
+    device: str  # where the weights are: cpu | cuda:0 | sim-gpu | unknown
+    footprint_bytes: int
+    ready: bool
+
+
+@dataclass(frozen=True)
+class Status:
+    request_id: str
+    mode: str
+    target_mode: str
+    vram: VramSnapshot | None
+    reserve_bytes: int
+    vlm: VlmStatus
+    clip: ClipStatus
+    chat_model: str | None
+    degraded: tuple[tuple[str, str], ...]  # (part, reason)
+    plan: tuple[str, ...]  # steps still to run toward the target
+    step_in_flight: str | None
+    at: float
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["vlm"]["partial_offload"] = self.vlm.partial_offload
+        data["degraded"] = [{"part": p, "reason": r} for p, r in self.degraded]
+        data["plan"] = list(self.plan)
+        return data

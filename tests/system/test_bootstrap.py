@@ -1,0 +1,105 @@
+"""The foundation, as a user meets it: start, status, a second start, a killed actor, stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+
+import psutil
+import pytest
+
+from tests.system.harness import mai, running_mai, wait_for, write_config
+
+pytestmark = pytest.mark.slow
+
+
+def _system_pids(port: int) -> set[int]:
+    admins = {c.pid for c in psutil.net_connections("tcp") if c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN and c.pid}
+    pids = set(admins)
+    for pid in admins:
+        pids |= {p.pid for p in psutil.Process(pid).children(recursive=True)}
+    return pids
+
+
+@pytest.fixture(scope="module")
+def system(tmp_path_factory):
+    with running_mai(tmp_path_factory.mktemp("mai")) as running:
+        yield running
+
+
+def test_status_answers_with_every_actor_and_the_config(system):
+    data = system.status_json()
+    assert data["running"] is True and data["version"]
+    roles = {a["role"]: a for a in data["actors"]}
+    assert set(roles) == {"sampler", "vlm", "clip", "coordinator"}
+    assert all(a["answers"] for a in roles.values()), roles
+    assert data["config"]["system"]["admin_port"] == system.config.system.admin_port
+    assert data["uptime_s"] >= 0
+
+
+def test_every_listening_socket_is_on_loopback(system):
+    pids = _system_pids(system.config.system.admin_port)
+    assert len(pids) >= 6  # admin, logger, supervisor and its children
+    listening = [c for c in psutil.net_connections("tcp") if c.pid in pids and c.status == psutil.CONN_LISTEN]
+    assert listening, "the system has listening sockets"
+    assert {c.laddr.ip for c in listening} == {"127.0.0.1"}, listening
+
+
+def test_second_start_reports_the_running_system(system):
+    before = _system_pids(system.config.system.admin_port)
+    result = system.cli("start")
+    assert result.returncode == 0
+    assert "Mai 0.1.0 is running on port" in result.stdout
+    assert _system_pids(system.config.system.admin_port) == before  # nothing new was started
+
+
+def test_killed_child_is_restarted_by_the_supervisor(system):
+    with system.client() as client:
+        old = client.ping_all()["sampler"]
+        os.kill(old.pid, signal.SIGKILL)
+
+        def restarted():
+            info = client.system_info()
+            pong = client.ping_all().get("sampler")
+            return pong is not None and pong.pid != old.pid and info.children[0].restarts >= 1 and pong
+
+        new = wait_for(restarted, timeout_s=20)
+    assert new.pid != old.pid
+    assert any(a["role"] == "sampler" and a["restarts"] >= 1 for a in system.status_json()["actors"])
+
+
+def test_start_refuses_a_port_held_by_another_program(tmp_path):
+    config = write_config(tmp_path)
+    port = json.loads(mai(config, "status", "--json").stdout or "{}").get("port")  # not running: status says so
+    from config import load_config
+
+    cfg = load_config(config, env={})
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", cfg.system.admin_port))
+        squatter.listen()
+        result = mai(config, "start")
+    assert result.returncode == 1
+    assert "not a Thespian actor system" in (result.stdout + result.stderr)
+    assert port is None
+
+
+def test_status_and_stop_when_not_running(tmp_path):
+    config = write_config(tmp_path)
+    status = mai(config, "status", "--json")
+    assert status.returncode == 3
+    assert json.loads(status.stdout) == {"running": False, "reason": json.loads(status.stdout)["reason"]}
+    assert "not running" in json.loads(status.stdout)["reason"]
+    stop = mai(config, "stop")
+    assert stop.returncode == 0 and "not running" in stop.stdout
+
+
+def test_stop_leaves_no_process_and_frees_the_port(tmp_path):
+    with running_mai(tmp_path) as system:
+        port = system.config.system.admin_port
+        pids = _system_pids(port)
+        assert pids
+    wait_for(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids), timeout_s=15)
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0
