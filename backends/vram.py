@@ -1,0 +1,261 @@
+"""VRAM probes: the only module that imports pynvml (nvidia-ml-py) and psutil.
+
+In: a backend name ("nvml" or "simulated") and a device index. Out: `VramSnapshot`s, and Mai errors (never
+NVML's). `open_vram_probe` picks the probe: NVML on a real GPU; without one, host memory through psutil, with a
+sentence saying why, so status still has numbers and names its degradation.
+
+NVML creates no CUDA context, so a probe is safe in any process; this module never imports torch.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import psutil
+import pynvml
+import structlog
+
+from messages.errors import InvalidRequest, NoGpu
+from messages.resources import VramSnapshot
+
+log = structlog.get_logger(__name__)
+
+BACKENDS = ("nvml", "simulated")
+
+_NVML_ERRORS = (pynvml.NVMLError, pynvml.NVMLLibraryMismatchError)  # the mismatch error is not an NVMLError
+
+# Why nvmlInit failed in this process, once known: a machine without the NVML library or driver does not grow
+# one while we run, so later probes fail fast and quietly instead of retrying the library lookup.
+_nvml_init_failure: str | None = None
+
+# Errors that mean "this driver has no v2 memory query", after which v1 is used for the probe's life.
+_NO_MEMORY_V2 = tuple(
+    getattr(pynvml, name)
+    for name in ("NVMLError_FunctionNotFound", "NVMLError_ArgumentVersionMismatch", "NVMLError_NotSupported")
+    if hasattr(pynvml, name)
+)
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+HOST_MEMORY_NAME = "host memory (no GPU)"
+
+
+class VramProbe(Protocol):
+    """Reads device memory; `source` is the `VramSnapshot.source` it produces."""
+
+    source: str
+
+    def snapshot(self) -> VramSnapshot: ...
+
+    def close(self) -> None: ...
+
+
+class NvmlProbe:
+    """Device-wide memory of one NVIDIA GPU through NVML; `device_index` is NVML's (PCI bus) order."""
+
+    source = "nvml"
+
+    def __init__(self, device_index: int = 0) -> None:
+        global _nvml_init_failure
+        self.device_index = device_index
+        self._initialised = False
+        if _nvml_init_failure is not None:
+            raise _no_gpu(_nvml_init_failure, device_index)
+        try:
+            pynvml.nvmlInit()
+        except _NVML_ERRORS as exc:
+            _nvml_init_failure = _nvml_text(exc)
+            raise _no_gpu(_nvml_init_failure, device_index) from None
+        self._initialised = True
+        self._memory_v2 = True
+        try:
+            count = pynvml.nvmlDeviceGetCount()
+            if not isinstance(device_index, int) or not 0 <= device_index < count:
+                raise _no_gpu(f"NVML device index {device_index!r} out of range: {count} device(s) present", device_index)
+            self._handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
+            self.device_name = _as_text(pynvml.nvmlDeviceGetName(self._handle))
+        except _NVML_ERRORS as exc:
+            self.close()
+            raise _no_gpu(_nvml_text(exc), device_index) from None
+        except BaseException:
+            self.close()
+            raise
+
+    def snapshot(self) -> VramSnapshot:
+        """Total/used/free as nvidia-smi shows them (memory info v2; v1 on drivers without it)."""
+        if not self._initialised:
+            raise NoGpu(f"NVML probe for device {self.device_index} is closed", details={"cause": "closed"})
+        try:
+            info = self._memory_info()
+        except _NVML_ERRORS as exc:
+            cause = _nvml_text(exc)
+            raise NoGpu(
+                f"NVML memory query failed on device {self.device_index}: {cause}",
+                details={"cause": cause, "device_index": self.device_index},
+            ) from None
+        return VramSnapshot(
+            total_bytes=int(info.total),
+            used_bytes=int(info.used),
+            free_bytes=int(info.free),
+            source=self.source,
+            device_name=self.device_name,
+            taken_at=time.time(),
+        )
+
+    def close(self) -> None:
+        """Pairs the nvmlInit of the constructor (NVML counts them); idempotent."""
+        if self._initialised:
+            self._initialised = False
+            try:
+                pynvml.nvmlShutdown()
+            except _NVML_ERRORS as exc:
+                log.warning("nvml.shutdown_failed", reason=_nvml_text(exc))
+
+    def __enter__(self) -> NvmlProbe:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _memory_info(self):
+        # v1 counts driver-reserved memory as used (~0.9 GB on an idle A100); v2 matches nvidia-smi.
+        if self._memory_v2:
+            try:
+                return pynvml.nvmlDeviceGetMemoryInfo(self._handle, version=pynvml.nvmlMemory_v2)
+            except _NO_MEMORY_V2:
+                self._memory_v2 = False
+        return pynvml.nvmlDeviceGetMemoryInfo(self._handle)
+
+
+class PsutilProbe:
+    """No GPU: host memory stands in so status still has numbers (`gpu_present=False`).
+
+    Free is psutil's `available`, capped by the cgroup memory limits of this process (v2 `memory.max` or v1
+    `memory.limit_in_bytes`, on its cgroup and every ancestor), since /proc/meminfo is host-wide even inside a
+    limited container. `cgroup_dir` reads only that directory instead (tests, unusual mounts)."""
+
+    source = "psutil"
+
+    def __init__(self, cgroup_dir: str | Path | None = None) -> None:
+        self._cgroup_dirs = (Path(cgroup_dir),) if cgroup_dir is not None else find_cgroup_dirs()
+
+    def snapshot(self) -> VramSnapshot:
+        memory = psutil.virtual_memory()
+        total, free = int(memory.total), int(memory.available)
+        for limit, usage in _cgroup_limits(self._cgroup_dirs):
+            if limit < total:
+                total = limit
+            free = min(free, max(limit - usage, 0) if usage is not None else limit)
+        free = min(free, total)
+        return VramSnapshot(
+            total_bytes=total,
+            used_bytes=total - free,
+            free_bytes=free,
+            source=self.source,
+            device_name=HOST_MEMORY_NAME,
+            taken_at=time.time(),
+            gpu_present=False,
+        )
+
+    def close(self) -> None:
+        pass
+
+
+class SimulatedProbe:
+    """Reads the simulated GPU ledger shared with the test doubles and `mai demo`."""
+
+    source = "simulated"
+
+    def __init__(self, ledger_path: str | Path) -> None:
+        from mai.sim.gpu_ledger import GpuLedger  # test and demo machinery: production never imports it
+
+        self._ledger = GpuLedger(ledger_path)
+
+    def snapshot(self) -> VramSnapshot:
+        return self._ledger.snapshot()
+
+    def close(self) -> None:
+        pass
+
+
+def open_vram_probe(
+    backend: str, device_index: int = 0, ledger_path: str | Path | None = None
+) -> tuple[VramProbe, str | None]:
+    """The probe for `backend`, and why it is degraded (None when it is not; the caller logs and reports it).
+
+    "nvml" falls back to host memory through psutil when NVML cannot reach a GPU; "simulated" reads the ledger at
+    `ledger_path`."""
+    if backend == "nvml":
+        try:
+            return NvmlProbe(device_index), None
+        except NoGpu as exc:
+            return PsutilProbe(), f"no GPU: {exc.details.get('cause', exc.message)}; using host memory via psutil"
+    if backend == "simulated":
+        if ledger_path is None:
+            raise InvalidRequest("the simulated VRAM backend needs ledger_path", details={"backend": backend})
+        return SimulatedProbe(ledger_path), None
+    raise InvalidRequest(
+        f"unknown VRAM backend {backend!r}; accepted: {', '.join(repr(b) for b in BACKENDS)}",
+        details={"backend": repr(backend), "accepted": list(BACKENDS)},
+    )
+
+
+def find_cgroup_dirs(root: Path = CGROUP_ROOT, self_cgroup: Path = Path("/proc/self/cgroup")) -> tuple[Path, ...]:
+    """This process's memory cgroup directory and its ancestors (v2 unified or v1 memory controller).
+
+    When the path /proc shows does not exist under the mount (a container without its own cgroup namespace
+    mounts its cgroup at the root), the mount root is used."""
+    try:
+        lines = self_cgroup.read_text().splitlines()
+    except OSError:
+        return ()
+    found: list[Path] = []
+    for line in lines:
+        hierarchy_id, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if hierarchy_id == "0" and controllers == "":
+            mount = root
+        elif "memory" in controllers.split(","):
+            mount = root / "memory"
+        else:
+            continue
+        leaf = mount / path.lstrip("/")
+        chain = [leaf, *leaf.parents[: len(leaf.parents) - len(mount.parents)]] if leaf.is_dir() else [mount]
+        found += [d for d in chain if _has_memory_limit(d)]
+    return tuple(found)
+
+
+def _has_memory_limit(directory: Path) -> bool:
+    return (directory / "memory.max").is_file() or (directory / "memory.limit_in_bytes").is_file()
+
+
+def _cgroup_limits(dirs: Sequence[Path]) -> list[tuple[int, int | None]]:
+    """(limit, usage) for each directory that sets a limit; "max" (v2) means none."""
+    limits = []
+    for directory in dirs:
+        for limit_file, usage_file in (("memory.max", "memory.current"), ("memory.limit_in_bytes", "memory.usage_in_bytes")):
+            limit = _read_int(directory / limit_file)
+            if limit is not None:
+                limits.append((limit, _read_int(directory / usage_file)))
+                break
+    return limits
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # "max" and anything odd: no limit
+
+
+def _no_gpu(cause: str, device_index: int) -> NoGpu:
+    return NoGpu(f"NVML unavailable: {cause}", details={"cause": cause, "device_index": device_index})
+
+
+def _nvml_text(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+def _as_text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
