@@ -1,0 +1,58 @@
+"""Messages refuse invalid values where they are built, naming the field, the value and what is accepted."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+from hypothesis import given, strategies as st
+
+from messages import AcquireLease, ChatMessage, EmbedImages, EmbedTexts, Failure, SetMode, VramSnapshot
+from messages.errors import InsufficientVram, InvalidRequest, Reason
+from messages.steps import MoveClip, PartHealth, WaitVramFree
+
+
+@pytest.mark.parametrize(
+    "build, field, accepted",
+    [
+        (lambda: SetMode("r1", "Auto Pilot"), "SetMode.mode", "mode name"),
+        (lambda: SetMode("r1", "idle", timeout_s=0), "SetMode.timeout_s", ">= 0.001"),
+        (lambda: SetMode("", "idle"), "SetMode.request_id", "non-empty"),
+        (lambda: AcquireLease("r", "", 10), "AcquireLease.holder", "non-empty"),
+        (lambda: AcquireLease("r", "me", float("nan")), "AcquireLease.ttl_s", "finite"),
+        (lambda: MoveClip("s", "tpu"), "MoveClip.device", "'cpu', 'gpu'"),
+        (lambda: PartHealth("disk", False), "PartHealth.part", "'gpu', 'vlm', 'clip', 'chat'"),
+        (lambda: WaitVramFree("s", 0, 10, fraction=1.5), "WaitVramFree.fraction", "<= 1.0"),
+        (lambda: ChatMessage("robot", "hi"), "ChatMessage.role", "'system', 'user', 'assistant'"),
+        (lambda: VramSnapshot(-1, 0, 0, "nvml", "gpu", 0.0), "VramSnapshot.total_bytes", ">= 0"),
+        (lambda: EmbedTexts("r", ()), "EmbedTexts.texts", "non-empty tuple"),
+        (lambda: EmbedImages("r", ("a.png",), "shm", (1, 2, 2, 3)), "EmbedImages.paths", "not both"),
+        (lambda: EmbedImages("r", (), "shm", (1, 2, 2, 4)), "EmbedImages.shm_shape", "(n, height, width, 3)"),
+    ],
+)
+def test_invalid_fields_are_named_with_what_is_accepted(build, field, accepted):
+    with pytest.raises(InvalidRequest) as err:
+        build()
+    assert field in str(err.value) and accepted in str(err.value)
+    assert err.value.reason is Reason.INVALID_REQUEST and err.value.details["field"] == field
+
+
+def test_mode_names_are_case_insensitive():
+    assert SetMode("r", "AUTOPILOT").mode == "autopilot"
+
+
+def test_failure_round_trips_to_the_matching_error_through_pickle():
+    failure = Failure.from_error("r9", InsufficientVram("VLM needs more room", needed_bytes=6, free_bytes=2, evictable=("clip",)))
+    again = pickle.loads(pickle.dumps(failure))
+    err = again.to_error()
+    assert isinstance(err, InsufficientVram) and err.reason is Reason.INSUFFICIENT_VRAM
+    assert err.details["needed_bytes"] == "6" and "VLM needs more room" in str(err)
+    assert Failure.from_error("r", KeyError("x")).reason is Reason.INTERNAL
+
+
+@given(st.text(max_size=30), st.floats(allow_nan=True, allow_infinity=True))
+def test_set_mode_never_raises_anything_but_invalid_request(mode, timeout):
+    try:
+        SetMode("r", mode, timeout_s=timeout)
+    except InvalidRequest:
+        pass
