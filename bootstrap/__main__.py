@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -35,6 +36,7 @@ def run_foreground(cfg: Any, *, console_logs: bool = True, out: Any = sys.stdout
     signal.signal(signal.SIGTERM, request_stop)
     while not stopping["flag"]:
         time.sleep(0.2)
+        _reap_children()
         if not boot._port_open(cfg.system.bind_address, cfg.system.admin_port):
             print("mai: the actor system has stopped", file=out, flush=True)
             return 0
@@ -42,6 +44,15 @@ def run_foreground(cfg: Any, *, console_logs: bool = True, out: Any = sys.stdout
     killed = f"; killed {len(report.killed)} leftover processes" if report.killed else ""
     print(f"Mai stopped in {report.duration_s:.2f} s{killed}", file=out, flush=True)
     return 0
+
+
+def _reap_children() -> None:
+    """The admin daemonises by forking twice; collect the intermediate child so it is not left a zombie."""
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
+    except ChildProcessError:
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -211,24 +211,32 @@ def supervisor_address(asys: Any) -> Any:
     return asys.createActor("actors.supervisor.Supervisor", globalName=SUPERVISOR_NAME)
 
 
-def _system_processes(cfg: Any) -> list[Any]:
-    """The admin (found by its listening port) and all its descendants: logger and actors."""
+def system_processes(port: int) -> list[Any]:
+    """Every process of the system on `port`: the daemonised admin and all its descendants (logger, actors).
+
+    The admin's listening socket is inherited by its children, so the port may be reported under any of
+    them; climb to the topmost ancestor running the same program, then take its whole tree."""
     import psutil
 
-    port = cfg.system.admin_port
-    admins = []
+    roots = set()
     for conn in psutil.net_connections(kind="tcp"):
-        if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN and conn.pid:
-            admins.append(conn.pid)
-    procs = []
-    for pid in set(admins):
+        if not (conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN and conn.pid):
+            continue
         try:
-            admin = psutil.Process(pid)
-            procs.append(admin)
-            procs.extend(admin.children(recursive=True))
+            proc = psutil.Process(conn.pid)
+            while (parent := proc.parent()) is not None and parent.pid != 1 and parent.cmdline() == proc.cmdline():
+                proc = parent
+            roots.add(proc)
         except psutil.Error:
             continue
-    return procs
+    procs = {}
+    for root in roots:
+        try:
+            for proc in [root, *root.children(recursive=True)]:
+                procs[proc.pid] = proc
+        except psutil.Error:
+            continue
+    return list(procs.values())
 
 
 def stop(cfg: Any, timeout_s: float | None = None) -> StopReport:
@@ -240,7 +248,7 @@ def stop(cfg: Any, timeout_s: float | None = None) -> StopReport:
     began = time.monotonic()
     if not _port_open(cfg.system.bind_address, cfg.system.admin_port):
         return StopReport(False, 0.0)
-    procs = _system_processes(cfg)
+    procs = system_processes(cfg.system.admin_port)
     try:
         asys = attach(cfg)
         _with_timeout(asys.shutdown, timeout_s, "the actor system's shutdown")

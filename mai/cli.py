@@ -160,7 +160,7 @@ def status_text(data: dict) -> str:
             lines.append(f"degraded   {part['part']}: {part['reason']}")
     elif data.get("gpu_error"):
         lines.append(f"gpu        status unavailable: {data['gpu_error']}")
-    actors = ", ".join(f"{a['role']}{'' if a['answers'] else ' (NOT ANSWERING)'}"
+    actors = ", ".join(f"{a['role']}{'' if a['answers'] else ' (busy or not answering)'}"
                        + (f" restarted {a['restarts']}x" if a["restarts"] else "") for a in data["actors"])
     lines.append(f"actors     {actors}")
     return "\n".join(lines)
