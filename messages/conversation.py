@@ -1,0 +1,193 @@
+"""The conversation agent's vocabulary: user turns with streamed replies, history, the model catalog, switching,
+and the chat GPU gate (a chat model load or unload is a step granted by the coordinator, like any other)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from messages.base import check_int, check_number, check_text, invalid
+
+
+@dataclass(frozen=True)
+class UserTurn:
+    """A user message; the reply streams back as ReplyChunk batches, then ReplyDone (or a Failure)."""
+
+    request_id: str
+    text: str
+    timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        check_text(self, "request_id")
+        check_text(self, "text", max_len=200_000)
+        check_number(self, "timeout_s", minimum=0.001)
+
+
+@dataclass(frozen=True)
+class ReplyChunk:
+    request_id: str
+    seq: int
+    text: str
+
+
+@dataclass(frozen=True)
+class ReplyDone:
+    request_id: str
+    model: str
+    content: str
+    status: str  # complete | cancelled
+    tokens_per_s: float | None
+    switches: tuple[str, ...] = ()  # silent switches made to answer this turn, each with its reason
+
+
+@dataclass(frozen=True)
+class CancelReply:
+    request_id: str  # the UserTurn's request id
+
+
+@dataclass(frozen=True)
+class GetHistory:
+    request_id: str
+    limit: int | None = None
+
+    def __post_init__(self) -> None:
+        check_text(self, "request_id")
+        check_int(self, "limit", minimum=1, optional=True)
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    role: str
+    content: str
+    model: str | None
+    status: str  # complete | interrupted | failed | pending
+    created_at: float
+
+
+@dataclass(frozen=True)
+class History:
+    request_id: str
+    conversation_id: str
+    entries: tuple[HistoryEntry, ...]
+
+
+@dataclass(frozen=True)
+class NewConversation:
+    request_id: str
+
+
+@dataclass(frozen=True)
+class ConversationStarted:
+    request_id: str
+    conversation_id: str
+
+
+@dataclass(frozen=True)
+class ListModels:
+    request_id: str
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    key: str
+    backend: str
+    tier: int
+    context_window: int
+    footprint_bytes: int
+    footprint_learned: bool
+    available: bool  # backend reachable and model installed (when known)
+    loaded: bool
+    current: bool
+    pinned: bool
+    why_not: str  # empty when selectable now
+
+
+@dataclass(frozen=True)
+class ModelList:
+    request_id: str
+    rows: tuple[ModelRow, ...]
+    current: str | None
+    pinned: str | None
+
+
+@dataclass(frozen=True)
+class SwitchModel:
+    """Pin a chat model until cleared (model None clears the pin)."""
+
+    request_id: str
+    model: str | None
+
+    def __post_init__(self) -> None:
+        check_text(self, "request_id")
+        if self.model is not None and (not isinstance(self.model, str) or not self.model.strip()):
+            raise invalid("SwitchModel", "model", self.model, "a model key from `mai models`, or None to clear the pin")
+
+
+@dataclass(frozen=True)
+class ModelPinned:
+    request_id: str
+    model: str | None
+    current: str | None
+
+
+# --- the chat GPU gate (conversation agent ↔ coordinator) ------------------------------------------------------
+@dataclass(frozen=True)
+class ChatNeeds:
+    """Agent → coordinator: I want to load `model` (needed_bytes of VRAM), or unload it (needed_bytes 0,
+    unload True). Answered by ChatGrant when the gate is free and it fits, else a Failure (INSUFFICIENT_VRAM with
+    the grantable bytes, so the agent can choose a smaller model)."""
+
+    request_id: str
+    model: str
+    needed_bytes: int
+    unload: bool = False
+    timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        check_text(self, "request_id")
+        check_text(self, "model")
+        check_int(self, "needed_bytes")
+        check_number(self, "timeout_s", minimum=0.001)
+
+
+@dataclass(frozen=True)
+class ChatGrant:
+    request_id: str
+    step_id: str
+    grantable_bytes: int
+
+
+@dataclass(frozen=True)
+class ChatLoaded:
+    step_id: str
+    model: str
+    vram_bytes: int
+    load_s: float
+
+
+@dataclass(frozen=True)
+class ChatUnloaded:
+    step_id: str
+    model: str
+
+
+@dataclass(frozen=True)
+class ChatYield:
+    """Coordinator → agent: the mode needs `needed_bytes` your chat model holds; switch smaller or unload."""
+
+    needed_bytes: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class GetGrantable:
+    request_id: str
+
+
+@dataclass(frozen=True)
+class Grantable:
+    """What the gate could give a chat model now (free − reserve − what the mode still needs + what the chat
+    model itself holds); None when there is no GPU limit (CPU only)."""
+
+    request_id: str
+    grantable_bytes: int | None
+    chat_model: str | None
