@@ -24,9 +24,13 @@ class UserTurn:
 
 @dataclass(frozen=True)
 class ReplyChunk:
+    """A batch of tokens (never one message per token). `restart` True: a model failed mid-reply and another
+    one starts the answer again from here; discard what this turn showed so far."""
+
     request_id: str
     seq: int
     text: str
+    restart: bool = False
 
 
 @dataclass(frozen=True)
