@@ -1,0 +1,1013 @@
+"""The ModeCoordinator's core: the mode, the GPU gate and the plan in progress, as a pure state machine.
+
+`Coordinator.handle(message, sender, now) -> effects` is the whole interface: the actor shell passes every message
+in with the wall-clock time (`time.time()`, the clock `VramSnapshot.taken_at` uses) and executes the effects that
+come back (send a step, reply, publish, wake me at, log, persist a learned footprint). The core never sleeps,
+never does I/O and never reads the clock, so tests and the trace simulator drive it with a virtual clock.
+
+Every call ends in `_settle`, a level-triggered reconcile: expire leases and waiters, answer what is satisfied,
+recompute the plan (`mai.core.plan`) from scratch, send its first step if nothing is in flight (one at a time,
+invariant 5), declare the mode reached when nothing is left, and ask to be woken at the next deadline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Union
+
+from mai.core.plan import (
+    ALLOCATING_KINDS,
+    CONFIRM_FREE,
+    LOAD_VLM,
+    MOVE_CLIP_CPU,
+    MOVE_CLIP_GPU,
+    READ_VRAM,
+    UNLOAD_VLM,
+    Demand,
+    ModePolicy,
+    Plan,
+    PlannedStep,
+    Refusal,
+    World,
+    plan_steps,
+)
+from messages.errors import InsufficientVram, MaiError, Reason
+from messages.events import (
+    Degraded,
+    IdleUnloaded,
+    ModeChanged,
+    ModelSwitched,
+    PlacementChanged,
+    PlanRefused,
+    Recovered,
+    ResourceChanged,
+)
+from messages.failure import Failure
+from messages.requests import (
+    AcquireLease,
+    ClipPlaced,
+    EnsureVlm,
+    GetStatus,
+    LeaseGranted,
+    LeaseReleased,
+    ModeAccepted,
+    ModeReached,
+    PlaceClip,
+    ReleaseLease,
+    SetMode,
+    VlmReady,
+)
+from messages.resources import VramSnapshot
+from messages.status import ClipStatus, Status, VlmStatus
+from messages.steps import (
+    ClipMoved,
+    ClipObserved,
+    LoadVlm,
+    MoveClip,
+    PartHealth,
+    StepFailed,
+    UnloadVlm,
+    VlmLoaded,
+    VlmObserved,
+    VlmUnloaded,
+    VramReading,
+    VramRecovered,
+    WaitVramFree,
+)
+
+__all__ = [
+    "Coordinator", "CoordinatorSettings", "ModePolicy", "Effect",
+    "SendStep", "Reply", "Publish", "WakeAt", "Log", "PersistFootprint", "Tick",
+]
+
+MIB = 2**20
+DEFAULT_CLIP_MB = 600  # OpenCLIP ViT-B-32 in fp32, until the first move measures it
+DEFAULT_VLM_MB = 8192  # only when the config gives none: a 7B VLM takes 5-8 GB
+
+
+# --- settings ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CoordinatorSettings:
+    modes: Mapping[str, ModePolicy]
+    default_mode: str
+    vlm_model: str
+    vlm_host: str
+    num_ctx: int
+    vlm_declared_bytes: int
+    clip_declared_bytes: int
+    reserve_bytes: int
+    idle_timeout_s: float
+    default_lease_ttl_s: float  # what clients put in AcquireLease.ttl_s by default; a request's own ttl_s wins
+    recovery_timeout_s: float = 5.0
+    recovery_fraction: float = 0.75
+    load_retry_backoff_s: float = 5.0  # after a failed step, don't re-plan it before this (unless new demand)
+    step_timeout_s: float = 600.0  # a step whose result never comes (its actor died) is given up after this
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.modes:
+            problems.append("modes: got none; accepted: at least one mode")
+        if self.default_mode not in self.modes:
+            problems.append(f"default_mode: got {self.default_mode!r}; accepted: one of {', '.join(self.modes)}")
+        for name in ("vlm_declared_bytes", "clip_declared_bytes", "reserve_bytes", "num_ctx"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                problems.append(f"{name}: got {getattr(self, name)!r}; accepted: an integer >= 0")
+        for name in ("idle_timeout_s", "default_lease_ttl_s", "recovery_timeout_s", "step_timeout_s"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name}: got {getattr(self, name)!r}; accepted: a number > 0")
+        if not 0 < self.recovery_fraction <= 1:
+            problems.append(f"recovery_fraction: got {self.recovery_fraction!r}; accepted: a number in (0, 1]")
+        if self.load_retry_backoff_s < 0:
+            problems.append(f"load_retry_backoff_s: got {self.load_retry_backoff_s!r}; accepted: a number >= 0")
+        if problems:
+            raise MaiError("CoordinatorSettings " + "; ".join(problems), reason=Reason.INVALID_CONFIG)
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "CoordinatorSettings":
+        """From `config.MaiConfig` (sizes there are in MiB)."""
+        modes_cfg, ollama = cfg.modes, cfg.ollama
+        modes = {
+            str(name): ModePolicy(
+                vlm=row.vlm,
+                clip=row.clip,
+                lease_drain_timeout_s=float(getattr(row, "lease_drain_timeout_s", 10.0)),
+                vlm_grace_s=None if getattr(row, "vlm_grace_s", None) is None else float(row.vlm_grace_s),
+            )
+            for name, row in modes_cfg.table.items()
+        }
+        clip_mb = getattr(cfg.clip, "footprint_mb", None)
+        vlm_mb = getattr(ollama, "vlm_footprint_mb", None)
+        return cls(
+            modes=modes,
+            default_mode=modes_cfg.default,
+            vlm_model=ollama.vlm_model,
+            vlm_host=ollama.host,
+            num_ctx=int(ollama.num_ctx),
+            vlm_declared_bytes=int((vlm_mb if vlm_mb is not None else DEFAULT_VLM_MB) * MIB),
+            clip_declared_bytes=int((clip_mb if clip_mb is not None else DEFAULT_CLIP_MB) * MIB),
+            reserve_bytes=int(cfg.gpu.reserve_mb * MIB),
+            idle_timeout_s=float(ollama.idle_timeout_s),
+            default_lease_ttl_s=float(ollama.lease_ttl_s),
+            recovery_timeout_s=float(getattr(ollama, "vram_recovery_timeout_s", 5.0)),
+            recovery_fraction=float(getattr(ollama, "vram_recovery_fraction", 0.75)),
+            # The executors time out and retry on their own; this only catches one that never answers at all.
+            step_timeout_s=60.0 + max(
+                float(getattr(ollama, "load_timeout_s", 120.0)) * (int(getattr(ollama, "retries", 0)) + 1),
+                float(getattr(cfg.clip, "move_timeout_s", 30.0)),
+            ),
+        )
+
+
+# --- effects: what the actor shell executes -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SendStep:
+    target: str  # "vlm" | "clip" | "sampler"
+    message: object  # LoadVlm | UnloadVlm | MoveClip | WaitVramFree
+
+
+@dataclass(frozen=True)
+class Reply:
+    to: object  # the opaque sender token given to handle()
+    message: object  # a reply, or a Failure
+
+
+@dataclass(frozen=True)
+class Publish:
+    event: object  # a messages.events instance, for every subscriber
+
+
+@dataclass(frozen=True)
+class WakeAt:
+    at: float  # call handle(Tick(), None, now) at or after this; extra ticks are harmless
+
+
+@dataclass(frozen=True)
+class Log:
+    event: str
+    fields: Mapping[str, object]
+
+
+@dataclass(frozen=True)
+class PersistFootprint:
+    model: str
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Tick:
+    """Time passed: check deadlines (the shell sends it at the times asked for with WakeAt)."""
+
+
+Effect = Union[SendStep, Reply, Publish, WakeAt, Log, PersistFootprint]
+
+STEP_TARGETS = {LOAD_VLM: "vlm", UNLOAD_VLM: "vlm", MOVE_CLIP_CPU: "clip", MOVE_CLIP_GPU: "clip",
+                CONFIRM_FREE: "sampler", READ_VRAM: "sampler"}
+ACCEPTED = (
+    "SetMode, EnsureVlm, AcquireLease, ReleaseLease, PlaceClip, GetStatus, VlmObserved, ClipObserved, PartHealth, "
+    "ResourceChanged, VramReading, VlmLoaded, VlmUnloaded, ClipMoved, VramRecovered, StepFailed, ModelSwitched, Tick"
+)
+
+
+# --- state records -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Lease:
+    lease_id: str
+    holder: str
+    granted_at: float
+    expires_at: float
+
+
+@dataclass
+class _Waiter:
+    kind: str  # "mode" | "ensure" | "place" | "lease"
+    request: Any  # SetMode | EnsureVlm | PlaceClip | AcquireLease
+    sender: object
+    since: float
+    deadline: float
+
+
+@dataclass
+class _Unconfirmed:
+    """Bytes freed by steps whose effect the sampler has not confirmed yet (they do not count as free)."""
+
+    baseline_free_bytes: int
+    expected_bytes: int
+    includes_vlm: bool
+    completed_at: float | None = None  # None while the freeing step is in flight
+
+
+@dataclass
+class _InFlight:
+    step: PlannedStep
+    message: Any
+    sent_at: float
+    deadline: float
+    prev_unconfirmed: _Unconfirmed | None
+    prev_state: str  # the VLM state or CLIP placement before the step
+
+
+class Coordinator:
+    """The mode, the GPU gate and the plan in progress. See the module docstring."""
+
+    def __init__(
+        self,
+        settings: CoordinatorSettings,
+        now: float,
+        *,
+        learned_footprints: Mapping[str, int] | None = None,
+        initial_mode: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self._pending_logs: list[Log] = []
+        if initial_mode is not None and initial_mode not in settings.modes:
+            self._pending_logs.append(Log("mode.restore_ignored", {"mode": initial_mode, "using": settings.default_mode}))
+            initial_mode = None
+        self._mode = initial_mode or settings.default_mode
+        self._target = self._mode
+        self._target_set_at = now
+        self._steps_done: list[tuple[float, str]] = []
+        self._learned: dict[str, int] = {k: int(v) for k, v in (learned_footprints or {}).items() if int(v) > 0}
+        self._vlm_state = "unknown"
+        self._vlm_size_bytes = 0
+        self._vlm_size_vram_bytes = 0
+        self._clip_placement = "unknown"
+        self._clip_device = "unknown"
+        self._clip_model = ""
+        self._clip_ready = False
+        self._clip_fp = settings.clip_declared_bytes
+        self._snapshot: VramSnapshot | None = None
+        self._allocs: list[tuple[float, float, int]] = []  # (sent_at, completed_at, bytes) not in the last reading
+        self._unconfirmed: _Unconfirmed | None = None
+        self._leases: dict[str, _Lease] = {}
+        self._waiters: list[_Waiter] = []
+        self._pin: str | None = None
+        self._health: dict[str, str] = {}  # part -> reason, from PartHealth / VramReading
+        self._vram_short: str | None = None  # why the last allocation was refused (degraded part "gpu")
+        self._inflight: _InFlight | None = None
+        self._retry_after: dict[str, tuple[float, str]] = {}  # step kind -> (until, why)
+        self._last_used_at = now  # idle timer reference
+        self._last_demand_end_at: float | None = None  # grace reference: last on-demand lease/ensure ended
+        self._idle: str | None = None  # None | "due" (unload now) | "suspended" (a "loaded" policy waits for demand)
+        self._chat_model: str | None = None
+        self._refused: frozenset[tuple[str, int, int]] = frozenset()
+        self._notes: frozenset[str] = frozenset()  # plan notes already logged (a decision is logged once)
+        self._fresh_snapshot = False
+        self._step_seq = 0
+        self._epoch = format(int(now * 1000) % 0xFFFFFFFF, "x")
+        self._handlers: dict[type, Callable[[Any, object, float, list[Effect]], Callable[[], None] | None]] = {
+            SetMode: self._on_set_mode, EnsureVlm: self._on_ensure, AcquireLease: self._on_acquire,
+            ReleaseLease: self._on_release, PlaceClip: self._on_place, GetStatus: self._on_get_status,
+            VlmObserved: self._on_vlm_observed, ClipObserved: self._on_clip_observed, PartHealth: self._on_health,
+            ResourceChanged: self._on_resource_changed, VramReading: self._on_vram_reading,
+            VlmLoaded: self._on_vlm_loaded, VlmUnloaded: self._on_vlm_unloaded, ClipMoved: self._on_clip_moved,
+            VramRecovered: self._on_vram_recovered, StepFailed: self._on_step_failed,
+            ModelSwitched: self._on_model_switched, Tick: self._on_tick,
+        }
+
+    # --- public surface ----------------------------------------------------------------------------------------
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @property
+    def target_mode(self) -> str:
+        return self._target
+
+    @property
+    def step_in_flight(self) -> object | None:
+        """The step message (LoadVlm, UnloadVlm, MoveClip, WaitVramFree) awaiting its result, if any."""
+        return self._inflight.message if self._inflight else None
+
+    def handle(self, message: object, sender: object, now: float) -> list[Effect]:
+        handler = self._handlers.get(type(message))
+        if handler is None:
+            return self._unknown(message, sender)
+        effects: list[Effect] = list(self._pending_logs)
+        self._pending_logs.clear()
+        after = handler(message, sender, now, effects)
+        self._settle(now, effects)
+        if after is not None:
+            after()
+        return effects
+
+    def status(self, request_id: str, now: float) -> Status:
+        plan = self._plan(now)
+        inflight = self._inflight.step.description if self._inflight else None
+        return Status(
+            request_id=request_id,
+            mode=self._mode,
+            target_mode=self._target,
+            vram=self._snapshot,
+            reserve_bytes=self.settings.reserve_bytes,
+            vlm=VlmStatus(
+                model=self.settings.vlm_model,
+                state=self._vlm_state,
+                size_bytes=self._vlm_size_bytes,
+                size_vram_bytes=self._vlm_size_vram_bytes,
+                footprint_bytes=self._vlm_fp,
+                footprint_learned=self.settings.vlm_model in self._learned,
+                leases=len(self._leases),
+                host=self.settings.vlm_host,
+            ),
+            clip=ClipStatus(self._clip_model, self._clip_device, self._clip_fp, self._clip_ready),
+            chat_model=self._chat_model,
+            degraded=self._degraded(),
+            plan=plan.describe(),
+            step_in_flight=inflight,
+            at=now,
+        )
+
+    # --- requests ------------------------------------------------------------------------------------------------
+
+    def _on_set_mode(self, msg: SetMode, sender: object, now: float, fx: list[Effect]) -> Callable[[], None] | None:
+        if msg.mode not in self.settings.modes:
+            fx.append(Reply(sender, self._invalid_mode(msg.request_id, msg.mode)))
+            return None
+        for w in [w for w in self._waiters if w.kind == "mode" and w.request.mode != msg.mode]:
+            self._fail(w, Reason.SUPERSEDED, f"superseded by a request for mode {msg.mode!r}", fx)
+        for w in [w for w in self._waiters if w.kind == "place"]:
+            self._fail(w, Reason.SUPERSEDED, f"the manual CLIP placement ends with the request for mode {msg.mode!r}", fx)
+        previous_target = self._target
+        if msg.mode != self._target:
+            self._target, self._target_set_at, self._steps_done = msg.mode, now, []
+        self._pin = None
+        self._idle = None
+        self._retry_after.clear()  # a new request is new demand: retry a failed step now
+        fx.append(Log("mode.requested", {"mode": msg.mode, "previous_target": previous_target, "wait": msg.wait,
+                                         "request_id": msg.request_id}))
+        if msg.wait:
+            self._waiters.append(_Waiter("mode", msg, sender, now, now + msg.timeout_s))
+            return None
+
+        def accept() -> None:
+            planned = (self._inflight.step.description,) if self._inflight else ()
+            fx.append(Reply(sender, ModeAccepted(msg.request_id, msg.mode, planned + self._plan(now).describe())))
+
+        return accept
+
+    def _on_ensure(self, msg: EnsureVlm, sender: object, now: float, fx: list[Effect]) -> None:
+        if msg.loaded:
+            self._new_vlm_demand(now)
+        self._waiters.append(_Waiter("ensure", msg, sender, now, now + msg.timeout_s))
+
+    def _on_acquire(self, msg: AcquireLease, sender: object, now: float, fx: list[Effect]) -> None:
+        self._new_vlm_demand(now)
+        self._waiters.append(_Waiter("lease", msg, sender, now, now + msg.timeout_s))
+
+    def _on_release(self, msg: ReleaseLease, sender: object, now: float, fx: list[Effect]) -> None:
+        lease = self._leases.pop(msg.lease_id, None)
+        if lease is None:  # expired or revoked already: releasing is idempotent, so a client's `with` never fails
+            fx.append(Log("lease.release_unknown", {"lease_id": msg.lease_id}))
+            fx.append(Reply(sender, LeaseReleased(msg.request_id, msg.lease_id, 0.0)))
+            return
+        self._lease_ended(lease, now)
+        fx.append(Log("lease.released", {"lease_id": lease.lease_id, "holder": lease.holder,
+                                         "held_s": round(now - lease.granted_at, 3)}))
+        fx.append(Reply(sender, LeaseReleased(msg.request_id, msg.lease_id, now - lease.granted_at)))
+
+    def _on_place(self, msg: PlaceClip, sender: object, now: float, fx: list[Effect]) -> None:
+        if msg.device == "gpu" and self._gpu() is False:
+            why = self._health.get("gpu") or "the VRAM reading says there is no GPU"
+            fx.append(Reply(sender, Failure(msg.request_id, Reason.NO_GPU, f"CLIP cannot move to a GPU: {why}")))
+            return
+        for w in [w for w in self._waiters if w.kind == "place" and w.request.device != msg.device]:
+            self._fail(w, Reason.SUPERSEDED, f"superseded by a request to place CLIP on {msg.device}", fx)
+        self._pin = msg.device
+        self._retry_after.pop(MOVE_CLIP_GPU if msg.device == "gpu" else MOVE_CLIP_CPU, None)
+        fx.append(Log("clip.pinned", {"device": msg.device, "request_id": msg.request_id}))
+        self._waiters.append(_Waiter("place", msg, sender, now, now + msg.timeout_s))
+
+    def _on_get_status(self, msg: GetStatus, sender: object, now: float, fx: list[Effect]) -> Callable[[], None]:
+        return lambda: fx.append(Reply(sender, self.status(msg.request_id, now)))
+
+    # --- observations --------------------------------------------------------------------------------------------
+
+    def _on_vlm_observed(self, msg: VlmObserved, sender: object, now: float, fx: list[Effect]) -> None:
+        if msg.model != self.settings.vlm_model:
+            fx.append(Log("vlm.observed_other_model", {"model": msg.model, "loaded": msg.loaded}))
+            return
+        if self._inflight and self._inflight.step.kind in (LOAD_VLM, UNLOAD_VLM):
+            fx.append(Log("vlm.observed_during_step", {"loaded": msg.loaded}))
+            return  # the step's own result is the authority on what it did
+        was = self._vlm_state
+        self._vlm_state = "loaded" if msg.loaded else "unloaded"
+        self._vlm_size_bytes = msg.size_bytes if msg.loaded else 0
+        self._vlm_size_vram_bytes = msg.size_vram_bytes if msg.loaded else 0
+        if msg.loaded and was != "loaded":
+            self._last_used_at = now  # idle counts from when we first know it is there
+        if msg.loaded and 0 < msg.size_vram_bytes and msg.size_vram_bytes >= msg.size_bytes:
+            self._learn(msg.size_vram_bytes, fx)
+        if was != self._vlm_state:
+            fx.append(Log("vlm.observed", {"state": self._vlm_state, "was": was, "size_vram_bytes": msg.size_vram_bytes}))
+
+    def _on_clip_observed(self, msg: ClipObserved, sender: object, now: float, fx: list[Effect]) -> None:
+        if self._inflight and self._inflight.step.kind in (MOVE_CLIP_CPU, MOVE_CLIP_GPU):
+            fx.append(Log("clip.observed_during_step", {"device": msg.device}))
+            return
+        was = self._clip_placement
+        self._clip_device, self._clip_placement = msg.device, _placement(msg.device)
+        self._clip_ready, self._clip_model = msg.ready, msg.model
+        if msg.footprint_bytes > 0:
+            self._clip_fp = msg.footprint_bytes
+        if was != self._clip_placement:
+            fx.append(Log("clip.observed", {"device": msg.device, "was": was, "ready": msg.ready}))
+
+    def _on_health(self, msg: PartHealth, sender: object, now: float, fx: list[Effect]) -> None:
+        self._set_health(msg.part, None if msg.ok else (msg.reason or f"{msg.part} unhealthy"), now, fx)
+
+    def _on_resource_changed(self, msg: ResourceChanged, sender: object, now: float, fx: list[Effect]) -> None:
+        self._apply_snapshot(msg.snapshot)
+        fx.append(Publish(msg))  # subscribers (the chat agent) switch models on resource changes
+
+    def _on_vram_reading(self, msg: VramReading, sender: object, now: float, fx: list[Effect]) -> None:
+        self._apply_snapshot(msg.snapshot)
+        self._set_health("gpu", msg.degraded_reason, now, fx)
+
+    def _on_model_switched(self, msg: ModelSwitched, sender: object, now: float, fx: list[Effect]) -> None:
+        self._chat_model = msg.model
+        fx.append(Publish(msg))
+
+    def _on_tick(self, msg: Tick, sender: object, now: float, fx: list[Effect]) -> None:
+        return None  # _settle does the work: deadlines are checked on every message
+
+    # --- step results ---------------------------------------------------------------------------------------------
+
+    def _take_inflight(self, step_id: str, result: object, fx: list[Effect]) -> _InFlight | None:
+        if self._inflight is None or self._inflight.message.step_id != step_id:
+            fx.append(Log("step.stale_result", {"step_id": step_id, "result": type(result).__name__}))
+            return None
+        inflight, self._inflight = self._inflight, None
+        return inflight
+
+    def _on_vlm_loaded(self, msg: VlmLoaded, sender: object, now: float, fx: list[Effect]) -> None:
+        inflight = self._take_inflight(msg.step_id, msg, fx)
+        if inflight is None and self._vlm_state != "unknown":
+            return
+        self._vlm_state, self._vlm_size_bytes, self._vlm_size_vram_bytes = "loaded", msg.size_bytes, msg.size_vram_bytes
+        self._last_used_at = now
+        if self._gpu() and msg.size_vram_bytes > 0:
+            self._allocs.append((inflight.sent_at if inflight else now, now, msg.size_vram_bytes))
+        if msg.partial_offload:
+            # A squeezed load says how little fitted, not what the model needs: keep the footprint we had.
+            fx.append(Log("vlm.partial_offload", {"size_bytes": msg.size_bytes, "size_vram_bytes": msg.size_vram_bytes}))
+        elif msg.size_vram_bytes > 0:
+            self._learn(msg.size_vram_bytes, fx)
+        if inflight is not None:
+            self._step_done(inflight, now, fx)
+            fx.append(Log("vlm.loaded", {"model": msg.model, "load_s": msg.load_s, "attempts": msg.attempts,
+                                         "size_vram_bytes": msg.size_vram_bytes, "reason": inflight.step.cause}))
+            fx.append(Publish(PlacementChanged("vlm", "loaded", inflight.step.cause, at=now)))
+
+    def _on_vlm_unloaded(self, msg: VlmUnloaded, sender: object, now: float, fx: list[Effect]) -> None:
+        inflight = self._take_inflight(msg.step_id, msg, fx)
+        if inflight is None and self._vlm_state != "unknown":
+            return
+        self._vlm_state, self._vlm_size_bytes, self._vlm_size_vram_bytes = "unloaded", 0, 0
+        if self._unconfirmed is not None and self._unconfirmed.completed_at is None:
+            self._unconfirmed.completed_at = now
+        if inflight is None:
+            return
+        self._step_done(inflight, now, fx)
+        fx.append(Log("vlm.unloaded", {"model": msg.model, "unload_s": msg.unload_s, "reason": inflight.step.cause}))
+        fx.append(Publish(PlacementChanged("vlm", "unloaded", inflight.step.cause, at=now)))
+        if self._idle == "due":
+            self._idle = "suspended"  # a "loaded" policy now waits for new demand or a new SetMode
+            if inflight.step.cause == "idle":
+                fx.append(Publish(IdleUnloaded(msg.model, now - self._last_used_at, at=now)))
+
+    def _on_clip_moved(self, msg: ClipMoved, sender: object, now: float, fx: list[Effect]) -> None:
+        inflight = self._take_inflight(msg.step_id, msg, fx)
+        if inflight is None and self._clip_placement != "unknown":
+            return
+        self._clip_device, self._clip_placement, self._clip_ready = msg.device, _placement(msg.device), True
+        if msg.footprint_bytes > 0:
+            self._clip_fp = msg.footprint_bytes
+        if self._clip_placement == "gpu" and self._gpu():
+            self._allocs.append((inflight.sent_at if inflight else now, now, self._clip_fp))
+        elif self._unconfirmed is not None and self._unconfirmed.completed_at is None:
+            self._unconfirmed.completed_at = now
+        if inflight is None:
+            return
+        self._step_done(inflight, now, fx)
+        reason = inflight.step.cause
+        fx.append(Log("clip.moved", {"device": msg.device, "move_s": msg.move_s, "reason": reason}))
+        fx.append(Publish(PlacementChanged("clip", self._clip_placement, reason, at=now)))
+
+    def _on_vram_recovered(self, msg: VramRecovered, sender: object, now: float, fx: list[Effect]) -> None:
+        inflight = self._take_inflight(msg.step_id, msg, fx)
+        self._apply_snapshot(msg.snapshot)
+        if inflight is None:
+            return
+        self._unconfirmed = None
+        self._step_done(inflight, now, fx)
+        fields = {"recovered_bytes": msg.recovered_bytes, "waited_s": round(msg.waited_s, 3), "complete": msg.complete}
+        fx.append(Log("vram.recovered" if msg.complete else "vram.recovery_incomplete", fields))
+
+    def _on_step_failed(self, msg: StepFailed, sender: object, now: float, fx: list[Effect]) -> None:
+        inflight = self._take_inflight(msg.step_id, msg, fx)
+        if inflight is None:
+            return
+        self._step_failed(inflight, msg.failure, now, fx)
+
+    def _step_failed(self, inflight: _InFlight, failure: Failure, now: float, fx: list[Effect]) -> None:
+        """Undo what sending the step assumed, hold the step back for a while, fail whoever depended on it."""
+        kind = inflight.step.kind
+        self._unconfirmed = inflight.prev_unconfirmed
+        fx.append(Log("step.failed", {"step": inflight.step.description, "reason": failure.reason.value,
+                                      "message": failure.message}))
+        if kind in (CONFIRM_FREE, READ_VRAM):
+            self._unconfirmed = None  # the sampler cannot read: go on with the last reading (freed bytes not counted)
+            return
+        if kind in (LOAD_VLM, UNLOAD_VLM):
+            self._vlm_state = inflight.prev_state
+        else:
+            self._clip_placement = inflight.prev_state
+        backoff = self.settings.load_retry_backoff_s
+        self._retry_after[kind] = (now + backoff, f"{failure.reason.value}: {failure.message}; retry after {backoff:g} s")
+        cause = inflight.step.cause
+        for w in list(self._waiters):
+            depends = (
+                (w.kind == "mode" and cause == "mode")
+                or (kind == LOAD_VLM and (w.kind == "lease" or (w.kind == "ensure" and w.request.loaded)))
+                or (kind == UNLOAD_VLM and w.kind == "ensure" and not w.request.loaded)
+                or (kind == MOVE_CLIP_GPU and w.kind == "place" and w.request.device == "gpu")
+                or (kind == MOVE_CLIP_CPU and w.kind == "place" and w.request.device == "cpu")
+                or (kind == MOVE_CLIP_CPU and cause == "yield" and (w.kind == "lease" or (w.kind == "ensure" and w.request.loaded)))
+            )
+            if depends:
+                self._fail(w, failure.reason, f"{inflight.step.description} failed: {failure.message}", fx,
+                           details=dict(failure.details))
+
+    # --- settle: the reconcile loop ----------------------------------------------------------------------------
+
+    def _settle(self, now: float, fx: list[Effect]) -> None:
+        self._retry_after = {k: v for k, v in self._retry_after.items() if v[0] > now}
+        self._expire_leases(now, fx)
+        self._revoke_after_drain(now, fx)
+        self._watch_step(now, fx)
+        self._check_idle(now, fx)
+        self._answer_satisfied(now, fx)
+        self._fail_fast_down(fx)
+        self._expire_waiters(now, fx)
+        plan = self._plan(now)
+        refused_now = False
+        for _ in range(4):
+            if self._inflight is not None:
+                break
+            if plan.refusals:
+                refused_now = True
+                if self._refuse(plan, now, fx):
+                    plan = self._plan(now)  # whoever needed the refused step is gone: plan again without them
+                    continue
+            step = plan.next_step
+            if step is not None:
+                for note in plan.notes:
+                    if note not in self._notes:
+                        fx.append(Log("plan.note", {"note": note}))
+                self._notes = frozenset(plan.notes)
+                self._send(step, now, fx)
+                plan = self._plan(now)
+            break
+        if self._inflight is None:
+            # Refusals that persist (the mode's own steps) are published once, not on every re-plan.
+            self._refused = frozenset(r.key for r in plan.refusals)
+            self._fail_blocked_modes(plan, fx)
+        if self._vram_short is not None and self._fresh_snapshot and not refused_now and not plan.refusals:
+            self._set_vram_short(None, now, fx)
+        self._fresh_snapshot = False
+        if self._inflight is None and plan.done:
+            self._reach_target(now, fx)
+        wake = self._next_deadline(now)
+        if wake is not None:
+            fx.append(WakeAt(wake))
+
+    def _plan(self, now: float) -> Plan:
+        return plan_steps(self._world(now), self.settings.modes[self._target], self._demand(now))
+
+    def _world(self, now: float) -> World:
+        """The world as it will be once the step in flight succeeds (the plan is for what comes after it)."""
+        free = self._free_estimate()
+        unconfirmed = self._unconfirmed.expected_bytes if self._unconfirmed else 0
+        unconfirmed_vlm = bool(self._unconfirmed and self._unconfirmed.includes_vlm)
+        inflight = self._inflight
+        clip = self._clip_placement
+        if inflight is not None:
+            if inflight.step.kind in (MOVE_CLIP_CPU, MOVE_CLIP_GPU):
+                clip = "cpu" if inflight.step.kind == MOVE_CLIP_CPU else "gpu"
+            if free is not None and inflight.step.kind in ALLOCATING_KINDS:
+                free -= inflight.step.nbytes
+            elif free is not None and inflight.step.kind in (CONFIRM_FREE, READ_VRAM):
+                free, unconfirmed, unconfirmed_vlm = free + unconfirmed, 0, False
+        return World(
+            vlm_model=self.settings.vlm_model,
+            vlm_state=self._vlm_state,
+            vlm_footprint_bytes=self._vlm_fp,
+            clip_placement=clip,
+            clip_footprint_bytes=self._clip_fp,
+            reserve_bytes=self.settings.reserve_bytes,
+            gpu=self._gpu(),
+            free_bytes=free,
+            uncertain_bytes=sum(nbytes for _, _, nbytes in self._allocs),
+            unconfirmed_bytes=unconfirmed,
+            unconfirmed_vlm=unconfirmed_vlm,
+            down={p: r for p, r in self._health.items() if p in ("vlm", "clip")},
+            retry_wait={k: why for k, (until, why) in self._retry_after.items() if now < until},
+        )
+
+    def _demand(self, now: float) -> Demand:
+        waiting = [w for w in self._waiters if w.kind == "lease" or (w.kind == "ensure" and w.request.loaded)]
+        fresh_leases = [l for l in self._leases.values() if l.granted_at > self._target_set_at]
+        return Demand(
+            leases_held=len(self._leases),
+            on_demand=len(waiting) + len(fresh_leases),
+            ensure_unloaded=sum(1 for w in self._waiters if w.kind == "ensure" and not w.request.loaded),
+            idle_due=self._idle == "due",
+            policy_suspended=self._idle == "suspended",
+            grace=self._grace_until(now) is not None,
+            clip_pin=self._pin,
+        )
+
+    def _send(self, step: PlannedStep, now: float, fx: list[Effect]) -> None:
+        self._step_seq += 1
+        step_id = f"{self._epoch}-{self._step_seq}"
+        prev_unconfirmed = None if self._unconfirmed is None else _Unconfirmed(**vars(self._unconfirmed))
+        prev_state = self._vlm_state if step.kind in (LOAD_VLM, UNLOAD_VLM) else self._clip_placement
+        if step.kind == LOAD_VLM:
+            message: Any = LoadVlm(step_id, self.settings.vlm_model)
+            self._vlm_state = "loading"
+        elif step.kind == UNLOAD_VLM:
+            message = UnloadVlm(step_id, self.settings.vlm_model)
+            # What Ollama reported it holds on the GPU (0 when it runs on the CPU); the footprint if never reported.
+            nbytes = self._vlm_size_vram_bytes if self._vlm_size_bytes else self._vlm_fp
+            self._add_unconfirmed(nbytes, True)
+            self._vlm_state = "unloading"
+        elif step.kind in (MOVE_CLIP_CPU, MOVE_CLIP_GPU):
+            device = "cpu" if step.kind == MOVE_CLIP_CPU else "gpu"
+            message = MoveClip(step_id, device)
+            if device == "cpu" and self._clip_placement == "gpu":
+                self._add_unconfirmed(self._clip_fp, False)
+        else:
+            baseline = self._unconfirmed.baseline_free_bytes if self._unconfirmed else self._baseline_free()
+            expected = self._unconfirmed.expected_bytes if (self._unconfirmed and step.kind == CONFIRM_FREE) else 0
+            message = WaitVramFree(step_id, baseline, expected, self.settings.recovery_fraction,
+                                   self.settings.recovery_timeout_s)
+        timeout = self.settings.step_timeout_s
+        if step.kind in (CONFIRM_FREE, READ_VRAM):
+            timeout = self.settings.recovery_timeout_s + min(timeout, 60.0)
+        self._inflight = _InFlight(step, message, now, now + timeout, prev_unconfirmed, prev_state)
+        if step.kind in ALLOCATING_KINDS and self._vram_short is not None:
+            self._set_vram_short(None, now, fx)
+        fx.append(Log("step.sent", {"step": step.description, "step_id": step_id, "reason": step.cause}))
+        fx.append(SendStep(STEP_TARGETS[step.kind], message))
+
+    def _add_unconfirmed(self, nbytes: int, vlm: bool) -> None:
+        """Kept even while NVML is failing: if the GPU comes back, those bytes are confirmed before being used."""
+        if self._snapshot is not None and not self._snapshot.gpu_present:
+            return  # a machine without a GPU: there is no VRAM to confirm
+        if self._unconfirmed is None:
+            self._unconfirmed = _Unconfirmed(self._baseline_free(), 0, False)
+        self._unconfirmed.expected_bytes += nbytes
+        self._unconfirmed.includes_vlm = self._unconfirmed.includes_vlm or vlm
+        self._unconfirmed.completed_at = None
+
+    def _step_done(self, inflight: _InFlight, now: float, fx: list[Effect]) -> None:
+        self._retry_after.pop(inflight.step.kind, None)
+        self._steps_done.append((now, inflight.step.description))
+
+    # --- settle helpers -------------------------------------------------------------------------------------------
+
+    def _expire_leases(self, now: float, fx: list[Effect]) -> None:
+        for lease in [l for l in self._leases.values() if l.expires_at <= now]:
+            del self._leases[lease.lease_id]
+            self._lease_ended(lease, now)
+            fx.append(Log("lease.expired", {"lease_id": lease.lease_id, "holder": lease.holder,
+                                            "held_s": round(now - lease.granted_at, 3)}))
+
+    def _revoke_after_drain(self, now: float, fx: list[Effect]) -> None:
+        """Entering a vlm=unloaded mode waits for older leases at most the drain timeout, then takes the VLM back."""
+        deadline = self._drain_deadline()
+        if deadline is None or now < deadline:
+            return
+        for lease in [l for l in self._leases.values() if l.granted_at <= self._target_set_at]:
+            del self._leases[lease.lease_id]
+            self._last_used_at = now
+            fx.append(Log("lease.revoked", {"lease_id": lease.lease_id, "holder": lease.holder, "reason": "drain",
+                                            "mode": self._target, "held_s": round(now - lease.granted_at, 3),
+                                            "drain_s": self.settings.modes[self._target].lease_drain_timeout_s}))
+
+    def _drain_deadline(self) -> float | None:
+        policy = self.settings.modes[self._target]
+        if policy.vlm != "unloaded" or self._mode == self._target:
+            return None
+        if not any(l.granted_at <= self._target_set_at for l in self._leases.values()):
+            return None
+        return self._target_set_at + policy.lease_drain_timeout_s
+
+    def _watch_step(self, now: float, fx: list[Effect]) -> None:
+        """A result that never comes (the executor died) must not freeze the gate: give the step up as unknown."""
+        inflight = self._inflight
+        if inflight is None or now < inflight.deadline:
+            return
+        self._inflight = None
+        failure = Failure(inflight.message.step_id, Reason.TIMEOUT,
+                          f"no result within {inflight.deadline - inflight.sent_at:g} s")
+        self._step_failed(inflight, failure, now, fx)
+        if inflight.step.kind in (LOAD_VLM, UNLOAD_VLM):
+            self._vlm_state = "unknown"  # reconcile: wait for the loader's next observation
+        elif inflight.step.kind in (MOVE_CLIP_CPU, MOVE_CLIP_GPU):
+            self._clip_placement = self._clip_device = "unknown"
+
+    def _expire_waiters(self, now: float, fx: list[Effect]) -> None:
+        for w in [w for w in self._waiters if w.deadline <= now]:
+            plan = self._plan(now)
+            pending = self._inflight.step.description if self._inflight else (plan.describe() or ("nothing",))[0]
+            self._fail(w, Reason.TIMEOUT, f"{type(w.request).__name__} not done within {w.request.timeout_s:g} s; "
+                                          f"pending: {pending}", fx)
+
+    def _fail_fast_down(self, fx: list[Effect]) -> None:
+        """While Ollama (or CLIP) is down, whoever needs it fails now with the reason, instead of at its timeout."""
+        for w in list(self._waiters):
+            if w.kind in ("lease", "ensure") and "vlm" in self._health:
+                self._fail(w, Reason.BACKEND_UNREACHABLE, f"VLM unavailable: {self._health['vlm']}", fx)
+            elif w.kind == "place" and "clip" in self._health:
+                self._fail(w, Reason.NOT_RUNNING, f"CLIP unavailable: {self._health['clip']}", fx)
+
+    def _check_idle(self, now: float, fx: list[Effect]) -> None:
+        idle_at = self._idle_deadline()
+        if idle_at is not None and now >= idle_at:
+            self._idle = "due"
+            fx.append(Log("vlm.idle", {"idle_s": round(now - self._last_used_at, 3),
+                                       "idle_timeout_s": self.settings.idle_timeout_s}))
+
+    def _idle_deadline(self) -> float | None:
+        if self._idle is not None or self._vlm_state != "loaded" or self._leases:
+            return None
+        if any(w.kind == "lease" or (w.kind == "ensure" and w.request.loaded) for w in self._waiters):
+            return None
+        return self._last_used_at + self.settings.idle_timeout_s
+
+    def _grace_until(self, now: float) -> float | None:
+        policy = self.settings.modes[self._target]
+        end = self._last_demand_end_at
+        if policy.vlm != "unloaded" or policy.vlm_grace_s is None or end is None or end < self._target_set_at:
+            return None
+        until = end + policy.vlm_grace_s
+        return until if now < until else None
+
+    def _answer_satisfied(self, now: float, fx: list[Effect]) -> None:
+        vlm_busy = self._inflight is not None and self._inflight.step.kind in (LOAD_VLM, UNLOAD_VLM)
+        clip_busy = self._inflight is not None and self._inflight.step.kind in (MOVE_CLIP_CPU, MOVE_CLIP_GPU)
+        model = self.settings.vlm_model
+        vlm_usable = self._vlm_state == "loaded" and not vlm_busy and "vlm" not in self._health
+        for w in list(self._waiters):
+            if w.kind == "lease" and vlm_usable:
+                self._waiters.remove(w)
+                req: AcquireLease = w.request
+                lease = _Lease(f"lease-{req.request_id}", req.holder, now, now + req.ttl_s)
+                self._leases[lease.lease_id] = lease
+                self._last_used_at = now
+                fx.append(Log("lease.granted", {"lease_id": lease.lease_id, "holder": req.holder, "ttl_s": req.ttl_s,
+                                                "waited_s": round(now - w.since, 3)}))
+                fx.append(Reply(w.sender, LeaseGranted(req.request_id, lease.lease_id, model, self.settings.vlm_host,
+                                                       self.settings.num_ctx, req.ttl_s)))
+            elif w.kind == "ensure" and w.request.loaded and vlm_usable:
+                self._waiters.remove(w)
+                self._last_used_at = self._last_demand_end_at = now
+                fx.append(Reply(w.sender, VlmReady(w.request.request_id, True, model, self._vlm_size_vram_bytes)))
+            elif (w.kind == "ensure" and not vlm_busy and not w.request.loaded and self._vlm_state == "unloaded"
+                  and not (self._unconfirmed and self._unconfirmed.includes_vlm and self._gpu())):
+                self._waiters.remove(w)
+                fx.append(Reply(w.sender, VlmReady(w.request.request_id, False, model, 0)))
+            elif w.kind == "place" and not clip_busy and self._clip_placement == w.request.device:
+                self._waiters.remove(w)
+                fx.append(Reply(w.sender, ClipPlaced(w.request.request_id, self._clip_device)))
+
+    def _refuse(self, plan: Plan, now: float, fx: list[Effect]) -> bool:
+        """Fail whoever needs a refused step (invariant 12). True when that changed what is wanted."""
+        changed = False
+        for refusal in plan.refusals:
+            err = InsufficientVram(refusal.message, needed_bytes=refusal.needed_bytes, free_bytes=refusal.free_bytes,
+                                   evictable=refusal.evictable)
+            for w in list(self._waiters):
+                needs = (
+                    (refusal.kind == LOAD_VLM and (w.kind == "lease" or (w.kind == "ensure" and w.request.loaded)))
+                    or (refusal.kind == MOVE_CLIP_GPU and w.kind == "place" and w.request.device == "gpu")
+                    or (w.kind == "mode" and refusal.cause == "mode" and w.request.mode == self._target)
+                )
+                if needs:
+                    self._waiters.remove(w)
+                    fx.append(Reply(w.sender, Failure.from_error(w.request.request_id, err)))
+                    changed = changed or w.kind != "mode"
+            if refusal.kind == MOVE_CLIP_GPU and refusal.cause == "pin":
+                self._pin, changed = None, True
+            self._publish_refusal(refusal, now, fx)
+        return changed
+
+    def _publish_refusal(self, refusal: Refusal, now: float, fx: list[Effect]) -> None:
+        if refusal.key in self._refused:
+            return
+        self._refused = self._refused | {refusal.key}
+        fx.append(Log("plan.refused", {"step": refusal.description, "needed_bytes": refusal.needed_bytes,
+                                       "free_bytes": refusal.free_bytes, "reserve_bytes": refusal.reserve_bytes,
+                                       "evictable": list(refusal.evictable), "cause": refusal.cause}))
+        fx.append(Publish(PlanRefused(refusal.description, refusal.message, refusal.needed_bytes, refusal.free_bytes,
+                                      at=now)))
+        self._set_vram_short(f"VRAM short: {refusal.message}", now, fx)
+
+    def _fail_blocked_modes(self, plan: Plan, fx: list[Effect]) -> None:
+        """A mode waiter whose next step waits on a part that is down fails fast with that reason."""
+        first = plan.steps[0] if plan.steps else None
+        part = None if first is None else STEP_TARGETS[first.kind]
+        if part not in self._health or part not in ("vlm", "clip"):
+            return
+        reason = Reason.BACKEND_UNREACHABLE if part == "vlm" else Reason.NOT_RUNNING
+        for w in [w for w in self._waiters if w.kind == "mode"]:
+            self._fail(w, reason, f"cannot {first.description}: {first.blocked}", fx)
+
+    def _reach_target(self, now: float, fx: list[Effect]) -> None:
+        if self._mode != self._target:
+            previous, self._mode = self._mode, self._target
+            steps = tuple(d for _, d in self._steps_done)
+            duration = now - self._target_set_at
+            fx.append(Log("mode.reached", {"mode": self._mode, "previous": previous, "duration_s": round(duration, 3),
+                                           "steps": list(steps)}))
+            fx.append(Publish(ModeChanged(self._mode, previous, duration, steps, at=now)))
+        for w in [w for w in self._waiters if w.kind == "mode" and w.request.mode == self._mode]:
+            self._waiters.remove(w)
+            steps = tuple(d for t, d in self._steps_done if t >= w.since)
+            fx.append(Reply(w.sender, ModeReached(w.request.request_id, self._mode, now - w.since, steps)))
+
+    def _next_deadline(self, now: float) -> float | None:
+        times = [w.deadline for w in self._waiters]
+        times += [l.expires_at for l in self._leases.values()]
+        times += [until for until, _ in self._retry_after.values()]
+        for t in (self._idle_deadline(), self._grace_until(now), self._drain_deadline()):
+            if t is not None:
+                times.append(t)
+        if self._inflight is not None:
+            times.append(self._inflight.deadline)
+        future = [t for t in times if t > now]
+        return min(future) if future else None
+
+    # --- small helpers ------------------------------------------------------------------------------------------------
+
+    @property
+    def _vlm_fp(self) -> int:
+        return self._learned.get(self.settings.vlm_model, self.settings.vlm_declared_bytes)
+
+    def _learn(self, nbytes: int, fx: list[Effect]) -> None:
+        if self._learned.get(self.settings.vlm_model) != nbytes:
+            self._learned[self.settings.vlm_model] = nbytes
+            fx.append(Log("vlm.footprint_learned", {"model": self.settings.vlm_model, "nbytes": nbytes}))
+            fx.append(PersistFootprint(self.settings.vlm_model, nbytes))
+
+    def _gpu(self) -> bool | None:
+        """True: a GPU to plan on. False: none (a failing NVML counts as none). None: no reading yet."""
+        if "gpu" in self._health:
+            return False
+        if self._snapshot is None:
+            return None
+        return self._snapshot.gpu_present
+
+    def _free_estimate(self) -> int | None:
+        """The last reading's free bytes minus what Mai allocated since it was taken; freed bytes count only once
+        a reading shows them. Never more optimistic than the truth, whatever order readings arrive in."""
+        if self._snapshot is None:
+            return None
+        return self._snapshot.free_bytes - sum(nbytes for _, _, nbytes in self._allocs)
+
+    def _baseline_free(self) -> int:
+        """Free VRAM before a freeing step, for the sampler's recovery check. Unlike the fit estimate it errs high
+        (an allocation in progress when the reading was taken may already be in it): a high baseline can only make
+        the confirmation wait longer, never pass before the bytes are back."""
+        if self._snapshot is None:
+            return 0
+        taken = self._snapshot.taken_at
+        return max(0, self._snapshot.free_bytes - sum(n for sent, _, n in self._allocs if sent > taken))
+
+    def _apply_snapshot(self, snapshot: VramSnapshot) -> None:
+        if self._snapshot is not None and snapshot.taken_at < self._snapshot.taken_at:
+            return  # an older reading that arrived late
+        self._snapshot = snapshot
+        self._fresh_snapshot = True
+        if not snapshot.gpu_present:
+            self._unconfirmed = None
+        self._allocs = [a for a in self._allocs if a[1] > snapshot.taken_at]
+        u = self._unconfirmed
+        if u is not None and not u.includes_vlm and u.completed_at is not None and snapshot.taken_at > u.completed_at:
+            self._unconfirmed = None  # a reading taken after the freeing shows the freed bytes
+
+    def _set_health(self, part: str, reason: str | None, now: float, fx: list[Effect]) -> None:
+        was = self._health.get(part)
+        if reason is None and was is not None:
+            del self._health[part]
+            fx.append(Log("part.recovered", {"part": part}))
+            fx.append(Publish(Recovered(part, at=now)))
+        elif reason is not None and reason != was:
+            self._health[part] = reason
+            fx.append(Log("part.degraded", {"part": part, "reason": reason}))
+            fx.append(Publish(Degraded(part, reason, at=now)))
+
+    def _set_vram_short(self, reason: str | None, now: float, fx: list[Effect]) -> None:
+        if reason == self._vram_short:
+            return
+        self._vram_short = reason
+        if "gpu" in self._health:
+            return  # the GPU's own degradation is what status shows
+        fx.append(Publish(Degraded("gpu", reason, at=now) if reason else Recovered("gpu", at=now)))
+
+    def _degraded(self) -> tuple[tuple[str, str], ...]:
+        parts = dict(self._health)
+        if self._vram_short and "gpu" not in parts:
+            parts["gpu"] = self._vram_short
+        return tuple(sorted(parts.items()))
+
+    def _lease_ended(self, lease: _Lease, now: float) -> None:
+        self._last_used_at = now
+        if lease.granted_at > self._target_set_at:  # an on-demand lease of this mode (older ones drain)
+            self._last_demand_end_at = now
+
+    def _new_vlm_demand(self, now: float) -> None:
+        self._idle = None
+        self._last_used_at = now
+        self._retry_after.pop(LOAD_VLM, None)
+        self._retry_after.pop(MOVE_CLIP_CPU, None)
+
+    def _fail(self, w: _Waiter, reason: Reason, message: str, fx: list[Effect], details: dict | None = None) -> None:
+        if w in self._waiters:
+            self._waiters.remove(w)
+        if w.kind == "place" and reason not in (Reason.TIMEOUT, Reason.SUPERSEDED) and self._pin == w.request.device:
+            self._pin = None  # a manual placement that cannot happen is dropped, not retried until the next SetMode
+        pairs = tuple((str(k), str(v)) for k, v in (details or {}).items())
+        fx.append(Reply(w.sender, Failure(w.request.request_id, reason, message, pairs)))
+        fx.append(Log("request.failed", {"request": type(w.request).__name__, "request_id": w.request.request_id,
+                                         "reason": reason.value, "message": message}))
+
+    def _invalid_mode(self, request_id: str, mode: str) -> Failure:
+        accepted = ", ".join(sorted(self.settings.modes))
+        return Failure(request_id, Reason.INVALID_REQUEST, f"unknown mode {mode!r}; accepted: {accepted}",
+                       (("field", "mode"), ("value", mode), ("accepted", accepted)))
+
+    def _unknown(self, message: object, sender: object) -> list[Effect]:
+        name = type(message).__name__
+        request_id = getattr(message, "request_id", None)
+        if isinstance(request_id, str):
+            return [Reply(sender, Failure(request_id, Reason.INVALID_REQUEST,
+                                          f"the coordinator does not handle {name}; accepted: {ACCEPTED}"))]
+        return [Log("coordinator.unknown_message", {"type": name})]
+
+
+def _placement(device: str) -> str:
+    """A device string ("cpu", "cuda:0", "sim-gpu", "unknown") as a placement the plan reasons about."""
+    if device == "cpu":
+        return "cpu"
+    if device in ("", "unknown"):
+        return "unknown"
+    return "gpu"

@@ -1,0 +1,311 @@
+"""The GPU gate's planner: given what the world looks like and what is wanted, the ordered steps still to run.
+
+A pure function, recomputed after every request and every step result (level-triggered, so a dropped message or a
+restart never leaves a stale plan behind). The coordinator sends the first step when it is not blocked; the rest
+is what `mai status` shows as "plan in progress".
+
+The rules, in the order they are applied:
+1. Goals. The VLM is wanted on demand (a lease held since the target was set, a lease queued, an EnsureVlm(loaded)
+   waiting) before anything else (invariant 9); then an EnsureVlm(unloaded); then the idle timer; then the
+   autopilot grace; then the mode's policy. CLIP follows a manual pin, else the policy; without a GPU it stays on
+   the CPU.
+2. Yield. If the VLM is wanted and the VLM and CLIP do not both fit, CLIP yields to the CPU (unless pinned) — but
+   only when that makes the VLM fit; otherwise CLIP keeps its place and the VLM load is refused.
+3. Order (invariant 3). Freeing steps first (CLIP to the CPU, then the VLM unload), then a confirmation that the
+   VRAM really came back (after every unload — invariant 4 — and before any allocating step relies on freed
+   bytes), then allocating steps (VLM load, then CLIP to the GPU). A freeing step starts from a fresh reading, the
+   baseline its confirmation is measured against.
+4. Fit (invariant 12). An allocating step is planned only if its footprint fits in the estimated free VRAM minus
+   the reserve. When it does not and the estimate is stale, the plan reads the VRAM again first; when the reading
+   is fresh, the step is refused with the bytes needed, the bytes free and what could yield.
+5. Blocks. A step whose part is unknown (not observed yet), down (degraded), backing off after a failure, or —
+   for an unload — held by a lease, stays in the plan but is marked blocked: nothing is sent past it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from messages.errors import MaiError, Reason
+
+VLM_STATES = ("unknown", "unloaded", "loading", "loaded", "unloading")
+CLIP_PLACEMENTS = ("unknown", "cpu", "gpu")
+VLM_POLICIES = ("loaded", "unloaded", "keep")
+CLIP_POLICIES = ("gpu", "cpu", "keep")
+
+# Step kinds, in the only order they may appear in a plan.
+MOVE_CLIP_CPU = "move_clip_cpu"
+UNLOAD_VLM = "unload_vlm"
+CONFIRM_FREE = "confirm_free"  # WaitVramFree after freeing: the sampler confirms the bytes came back
+READ_VRAM = "read_vram"  # WaitVramFree expecting nothing: a fresh reading before refusing on a stale estimate
+LOAD_VLM = "load_vlm"
+MOVE_CLIP_GPU = "move_clip_gpu"
+FREEING_KINDS = (MOVE_CLIP_CPU, UNLOAD_VLM)
+ALLOCATING_KINDS = (LOAD_VLM, MOVE_CLIP_GPU)
+SAMPLER_KINDS = (CONFIRM_FREE, READ_VRAM)
+
+
+def gib(nbytes: int | float) -> str:
+    """Bytes as GiB for people: '5.6 GB' (GiB, as nvidia-smi and Ollama print them)."""
+    return f"{nbytes / 2**30:.1f} GB"
+
+
+@dataclass(frozen=True)
+class ModePolicy:
+    """One row of the configurable mode table (`config/default.yaml`, `modes:`)."""
+
+    vlm: str  # "loaded" | "unloaded" | "keep"
+    clip: str  # "gpu" | "cpu" | "keep"
+    lease_drain_timeout_s: float = 10.0  # entering a vlm=unloaded mode waits this long for older leases, then revokes
+    vlm_grace_s: float | None = None  # vlm=unloaded: keep an on-demand VLM this long after its last lease ended
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.vlm not in VLM_POLICIES:
+            problems.append(f"vlm: got {self.vlm!r}; accepted: {', '.join(VLM_POLICIES)}")
+        if self.clip not in CLIP_POLICIES:
+            problems.append(f"clip: got {self.clip!r}; accepted: {', '.join(CLIP_POLICIES)}")
+        if not isinstance(self.lease_drain_timeout_s, (int, float)) or self.lease_drain_timeout_s < 0:
+            problems.append(f"lease_drain_timeout_s: got {self.lease_drain_timeout_s!r}; accepted: a number >= 0")
+        if self.vlm_grace_s is not None and (not isinstance(self.vlm_grace_s, (int, float)) or self.vlm_grace_s < 0):
+            problems.append(f"vlm_grace_s: got {self.vlm_grace_s!r}; accepted: a number >= 0 or None")
+        if problems:
+            raise MaiError("ModePolicy " + "; ".join(problems), reason=Reason.INVALID_CONFIG)
+
+
+@dataclass(frozen=True)
+class World:
+    """What the coordinator believes about the GPU and its tenants, projected past the step in flight."""
+
+    vlm_model: str
+    vlm_state: str  # VLM_STATES
+    vlm_footprint_bytes: int  # learned (measured) or declared
+    clip_placement: str  # CLIP_PLACEMENTS
+    clip_footprint_bytes: int
+    reserve_bytes: int
+    gpu: bool | None  # True: plan on a GPU; False: none (no fit checks, CLIP on the CPU); None: no reading yet
+    free_bytes: int | None  # estimated free VRAM now; None without a reading
+    uncertain_bytes: int = 0  # free VRAM the estimate may miss (allocations since a reading that may show them)
+    unconfirmed_bytes: int = 0  # freed by finished steps, not yet seen back by the sampler
+    unconfirmed_vlm: bool = False  # ...and those include a VLM unload (always confirmed: invariant 4)
+    down: Mapping[str, str] = field(default_factory=dict)  # part ("vlm", "clip") -> why it cannot take steps
+    retry_wait: Mapping[str, str] = field(default_factory=dict)  # step kind -> why it waits before a retry
+
+
+@dataclass(frozen=True)
+class Demand:
+    """What clients want right now, as counts and flags the coordinator derives from its waiters and timers."""
+
+    leases_held: int = 0  # every held lease: the VLM is never unloaded while one is held (invariant 8)
+    on_demand: int = 0  # leases held since the target was set + lease requests queued + EnsureVlm(loaded) waiting
+    ensure_unloaded: int = 0  # EnsureVlm(loaded=False) waiting
+    idle_due: bool = False  # the idle timer ran out: unload
+    policy_suspended: bool = False  # after an idle unload, a "loaded" policy waits for new demand or a new SetMode
+    grace: bool = False  # an on-demand VLM is within its grace period after the last lease ended
+    clip_pin: str | None = None  # manual PlaceClip placement, until the next SetMode
+
+
+@dataclass(frozen=True)
+class Goal:
+    state: str  # VLM: loaded/unloaded/keep; CLIP: gpu/cpu/keep
+    reason: str  # mode, demand, ensure, idle, grace, pin, yield, no_gpu
+
+
+@dataclass(frozen=True)
+class PlannedStep:
+    kind: str
+    description: str  # for people: "unload qwen2.5vl:7b", "confirm VRAM recovered", "move CLIP to gpu"
+    nbytes: int  # VRAM the step frees or claims (0 for sampler steps and without a GPU)
+    cause: str  # the goal's reason: why this step is in the plan
+    blocked: str | None = None  # why it cannot be sent yet
+
+    def describe(self) -> str:
+        return f"{self.description} ({self.blocked})" if self.blocked else self.description
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """An allocating step left out because it would not fit (invariant 12): never attempted blind."""
+
+    kind: str
+    description: str
+    needed_bytes: int
+    free_bytes: int
+    reserve_bytes: int
+    evictable: tuple[str, ...]
+    cause: str
+
+    @property
+    def message(self) -> str:
+        text = (
+            f"{self.description} needs {gib(self.needed_bytes)}, {gib(self.free_bytes)} free "
+            f"with {gib(self.reserve_bytes)} reserved"
+        )
+        return text + (f"; could yield: {', '.join(self.evictable)}" if self.evictable else "; nothing Mai holds could yield")
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        return (self.kind, self.needed_bytes, self.free_bytes)
+
+
+@dataclass(frozen=True)
+class Plan:
+    vlm_goal: Goal
+    clip_goal: Goal
+    steps: tuple[PlannedStep, ...]
+    refusals: tuple[Refusal, ...] = ()
+    notes: tuple[str, ...] = ()  # decisions worth a log line (why CLIP yields)
+
+    @property
+    def next_step(self) -> PlannedStep | None:
+        """The step to send now, if any: the first one, unless it is blocked."""
+        if self.steps and self.steps[0].blocked is None:
+            return self.steps[0]
+        return None
+
+    @property
+    def done(self) -> bool:
+        return not self.steps and not self.refusals
+
+    def describe(self) -> tuple[str, ...]:
+        return tuple(s.describe() for s in self.steps) + tuple(f"refused: {r.message}" for r in self.refusals)
+
+
+def resolve_vlm(policy: ModePolicy, demand: Demand) -> Goal:
+    """Where the VLM should be. On demand beats everything (a lease asked in AUTOPILOT loads it); a held lease
+    keeps it (it counts as demand only if granted since the target was set — older ones drain)."""
+    if demand.on_demand:
+        return Goal("loaded", "demand")
+    if demand.ensure_unloaded:
+        return Goal("unloaded", "ensure")
+    if demand.idle_due:
+        return Goal("unloaded", "idle")
+    if demand.grace:
+        return Goal("keep", "grace")
+    if policy.vlm == "loaded" and demand.policy_suspended:
+        return Goal("keep", "idle")
+    return Goal(policy.vlm, "mode")
+
+
+def resolve_clip(policy: ModePolicy, demand: Demand, world: World) -> Goal:
+    """Where CLIP should be, before the yield rule. Without a GPU there is only the CPU."""
+    if world.gpu is False:
+        return Goal("cpu", "no_gpu")
+    if demand.clip_pin is not None:
+        return Goal(demand.clip_pin, "pin")
+    return Goal(policy.clip, "mode")
+
+
+def plan_steps(world: World, policy: ModePolicy, demand: Demand) -> Plan:
+    """The ordered steps from `world` to what `policy` and `demand` want (see the module docstring)."""
+    vlm_goal = resolve_vlm(policy, demand)
+    clip_goal = resolve_clip(policy, demand, world)
+    notes: list[str] = []
+    vlm_fp, clip_fp, reserve = world.vlm_footprint_bytes, world.clip_footprint_bytes, world.reserve_bytes
+    vlm_on = world.vlm_state in ("loaded", "loading")
+    vlm_off = world.vlm_state in ("unloaded", "unloading")
+    clip_on_gpu = world.clip_placement == "gpu"
+    clip_wants_gpu = clip_goal.state == "gpu" or (clip_goal.state == "keep" and clip_on_gpu)
+
+    unsure = world.uncertain_bytes
+    read_first = False  # a fresh reading could change the decision: read the VRAM again (or confirm) first
+    vlm_kept = vlm_goal.state == "loaded" or (vlm_goal.state == "keep" and vlm_on)
+    if world.gpu and world.free_bytes is not None and vlm_kept and clip_wants_gpu and clip_goal.reason != "pin":
+        room = world.free_bytes + world.unconfirmed_bytes - reserve
+        need = (0 if vlm_on else vlm_fp) + (0 if clip_on_gpu else clip_fp)  # besides what is on the GPU now
+        room_alone = room + (clip_fp if clip_on_gpu else 0)  # if CLIP leaves, the VLM alone has this
+        if need > room:
+            if need <= room + unsure or (not vlm_on and room_alone < vlm_fp <= room_alone + unsure):
+                read_first = True
+            elif vlm_on or vlm_fp <= room_alone:
+                clip_goal = Goal("cpu", "yield")
+                notes.append(
+                    f"CLIP yields to the CPU: VLM {gib(vlm_fp)} + CLIP {gib(clip_fp)} do not both fit "
+                    f"(free {gib(world.free_bytes)}, reserve {gib(reserve)})"
+                )
+    clip_wants_gpu = clip_goal.state == "gpu" or (clip_goal.state == "keep" and clip_on_gpu)
+
+    freeing: list[PlannedStep] = []
+    planned_freed = 0
+    if clip_goal.state == "cpu" and world.clip_placement in ("gpu", "unknown"):
+        nbytes = clip_fp if (world.gpu and clip_on_gpu) else 0
+        freeing.append(PlannedStep(MOVE_CLIP_CPU, "move CLIP to cpu", nbytes, clip_goal.reason))
+        planned_freed += nbytes
+    if vlm_goal.state == "unloaded" and not vlm_off:
+        nbytes = vlm_fp if world.gpu else 0
+        freeing.append(PlannedStep(UNLOAD_VLM, f"unload {world.vlm_model}", nbytes, vlm_goal.reason))
+        planned_freed += nbytes
+
+    allocating: list[PlannedStep] = []
+    refusals: list[Refusal] = []
+    avail = None
+    if world.free_bytes is not None:
+        avail = world.free_bytes + world.unconfirmed_bytes + planned_freed - reserve
+
+    def fits(kind: str, description: str, needed: int, cause: str, evictable: tuple[str, ...]) -> bool:
+        nonlocal avail, read_first
+        if not world.gpu or avail is None:
+            return True  # no GPU: nothing to fit; no reading yet: the step is blocked until one arrives
+        if needed <= avail:
+            avail -= needed
+            return True
+        if needed <= avail + unsure:
+            read_first = True  # never refuse on a guess: read again (or confirm) first
+        else:
+            refusals.append(Refusal(kind, description, needed, max(0, avail + reserve), reserve, evictable, cause))
+        return False
+
+    if vlm_goal.state == "loaded" and not vlm_on and not read_first:
+        evictable = ("clip",) if clip_on_gpu and clip_wants_gpu else ()
+        description = f"load {world.vlm_model}"
+        if fits(LOAD_VLM, description, vlm_fp, vlm_goal.reason, evictable):
+            allocating.append(PlannedStep(LOAD_VLM, description, vlm_fp if world.gpu else 0, vlm_goal.reason))
+    if clip_wants_gpu and world.clip_placement in ("cpu", "unknown") and world.gpu is not False and not read_first:
+        will_have_vlm = (vlm_on and vlm_goal.state != "unloaded") or any(s.kind == LOAD_VLM for s in allocating)
+        evictable = ("vlm",) if will_have_vlm else ()
+        if fits(MOVE_CLIP_GPU, "move CLIP to gpu", clip_fp, clip_goal.reason, evictable):
+            allocating.append(PlannedStep(MOVE_CLIP_GPU, "move CLIP to gpu", clip_fp, clip_goal.reason))
+
+    steps = [_block(s, world, demand) for s in _order(world, freeing, allocating, read_first)]
+    if steps and steps[0].kind in FREEING_KINDS and steps[0].blocked is None and world.gpu and unsure:
+        # The sampler confirms a freeing step against the free VRAM before it: make that a real reading.
+        steps.insert(0, PlannedStep(READ_VRAM, "read VRAM again", 0, "baseline"))
+    return Plan(vlm_goal, clip_goal, tuple(steps), tuple(refusals), tuple(notes))
+
+
+def _order(world: World, freeing: list[PlannedStep], allocating: list[PlannedStep], read_first: bool) -> list[PlannedStep]:
+    """Freeing, confirm, allocating. A finished VLM unload is confirmed before anything else happens (invariant 4);
+    freed CLIP bytes are confirmed only when an allocating step is about to rely on them."""
+    if world.gpu is False:
+        return freeing + allocating  # no VRAM to confirm or to fit
+    confirm = PlannedStep(CONFIRM_FREE, "confirm VRAM recovered", 0, "order")
+    steps: list[PlannedStep] = [confirm] if world.unconfirmed_vlm else []
+    pending_freed = bool(freeing) or (world.unconfirmed_bytes > 0 and not world.unconfirmed_vlm)
+    steps += freeing
+    if pending_freed and (any(s.kind == UNLOAD_VLM for s in freeing) or allocating or read_first):
+        steps.append(confirm)
+    elif read_first and not steps:
+        steps.append(PlannedStep(READ_VRAM, "read VRAM again", 0, "fit"))
+    return steps + allocating
+
+
+def _block(step: PlannedStep, world: World, demand: Demand) -> PlannedStep:
+    """Mark why a step cannot be sent yet; the plan keeps it so status and ModeAccepted show what is pending."""
+    reason = None
+    part = "vlm" if step.kind in (LOAD_VLM, UNLOAD_VLM) else "clip" if step.kind in (MOVE_CLIP_CPU, MOVE_CLIP_GPU) else None
+    if part == "vlm" and world.vlm_state == "unknown":
+        reason = "VLM state unknown: waiting for the loader's observation"
+    elif part == "clip" and world.clip_placement == "unknown":
+        reason = "CLIP placement unknown: waiting for the mover's observation"
+    elif part is not None and part in world.down:
+        reason = f"{part} unavailable: {world.down[part]}"
+    elif step.kind in world.retry_wait:
+        reason = world.retry_wait[step.kind]
+    elif step.kind == UNLOAD_VLM and demand.leases_held:
+        reason = f"waiting for {demand.leases_held} lease(s) to end"
+    elif world.gpu is None:
+        reason = "waiting for the first VRAM reading"
+    if reason is None:
+        return step
+    return PlannedStep(step.kind, step.description, step.nbytes, step.cause, reason)

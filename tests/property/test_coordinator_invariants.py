@@ -1,0 +1,526 @@
+"""DESIGN §4 invariants of the GPU gate, as hypothesis state machines over the coordinator in a simulated world.
+
+Random interleavings of mode requests from several clients, leases, ensure-loaded/unloaded, manual CLIP placement,
+time passing, and the world misbehaving (loads failing, Ollama unreachable, NVML failing, other programs taking
+VRAM), on GPUs of 8-24 GB with VLMs of 5-8 GB. Every check is made on what the simulated world recorded — the GPU
+ledger's allocation intervals, the step log, the replies — at the instant each thing happened (observers see every
+delivery and effect before it takes effect), plus a final check after healing the world and letting time run.
+
+Invariant 10 (CLIP embeddings across devices) belongs to the CLIP adapter's tests.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from hypothesis import HealthCheck, Phase, event, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from mai.core.coordinator import CoordinatorSettings, Log, ModePolicy, Publish, Reply, SendStep
+from mai.core.plan import VLM_STATES
+from messages.errors import Reason
+from messages.events import IdleUnloaded, ModeChanged, PlanRefused, ResourceChanged
+from messages.failure import Failure
+from messages.requests import (
+    AcquireLease,
+    ClipPlaced,
+    EnsureVlm,
+    GetStatus,
+    LeaseGranted,
+    LeaseReleased,
+    ModeReached,
+    PlaceClip,
+    ReleaseLease,
+    SetMode,
+    VlmReady,
+)
+from messages.status import Status
+from messages.steps import (
+    ClipMoved,
+    LoadVlm,
+    MoveClip,
+    PartHealth,
+    UnloadVlm,
+    VlmUnloaded,
+    VramReading,
+    VramRecovered,
+    WaitVramFree,
+)
+from tests.sim_world import GIB, MIB, Delivery, SimWorld, Timings
+
+MODES = ("autopilot", "recording", "idle")
+EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    gpu_total_gib: int  # 0: "tight", the VLM fits alone but not next to CLIP (so CLIP has to yield)
+    gpu_present: bool
+    external_mib: int
+    reserve_mib: int
+    vlm_declared_mib: int
+    vlm_shrink_mib: int  # the real model is this much smaller than declared (estimates are conservative)
+    clip_mib: int
+    release_lag_s: float
+    load_s: float
+    autopilot_grace_s: float | None
+    drain_s: float
+    idle_timeout_s: float
+    initial_mode: str
+    vlm_loaded: bool
+    clip_device: str
+    faults: bool  # whether the world misbehaves (loads fail, Ollama or NVML go away, other programs take VRAM)
+
+    @property
+    def gpu_total_bytes(self) -> int:
+        if self.gpu_total_gib:
+            return self.gpu_total_gib * GIB
+        return (self.vlm_declared_mib + self.reserve_mib + self.external_mib + self.clip_mib // 2) * MIB
+
+
+world_configs = st.builds(
+    WorldConfig,
+    gpu_total_gib=st.sampled_from([0, 8, 12, 16, 24]),
+    gpu_present=st.sampled_from([True, True, True, True, False]),
+    external_mib=st.sampled_from([0, 256, 512, 1024, 2048]),
+    reserve_mib=st.sampled_from([256, 512, 1024]),
+    vlm_declared_mib=st.integers(20, 32).map(lambda n: n * 250),  # 5000-8000 MiB
+    vlm_shrink_mib=st.sampled_from([0, 100, 400, 1000]),
+    clip_mib=st.sampled_from([400, 600]),
+    release_lag_s=st.sampled_from([0.1, 0.3, 7.0]),  # 7 s: past Ollama's 5 s recovery wait (answered incomplete)
+    load_s=st.sampled_from([0.5, 3.0, 8.0]),
+    autopilot_grace_s=st.sampled_from([None, 5.0]),
+    drain_s=st.sampled_from([0.0, 2.0, 10.0]),
+    idle_timeout_s=st.sampled_from([30.0, 300.0]),
+    initial_mode=st.sampled_from(MODES),
+    vlm_loaded=st.booleans(),
+    clip_device=st.sampled_from(["cpu", "gpu"]),
+    faults=st.booleans(),
+)
+
+
+@dataclass
+class Request:
+    message: Any
+    sender: str
+    sent_at: float
+    replies: list[Any] = field(default_factory=list)
+
+    @property
+    def deadline(self) -> float:
+        return self.sent_at + getattr(self.message, "timeout_s", 0.0)
+
+
+class GateMachine(RuleBasedStateMachine):
+    """Drives one SimWorld; `watch` checks invariants at every delivery and effect."""
+
+    @initialize(cfg=world_configs)
+    def start(self, cfg: WorldConfig) -> None:
+        self.cfg = cfg
+        modes = {
+            "autopilot": ModePolicy("unloaded", "gpu", cfg.drain_s, cfg.autopilot_grace_s),
+            "recording": ModePolicy("loaded", "cpu", cfg.drain_s),
+            "idle": ModePolicy("keep", "keep", cfg.drain_s),
+        }
+        self.settings = CoordinatorSettings(
+            modes=modes, default_mode="idle", vlm_model="qwen2.5vl:7b", vlm_host="http://127.0.0.1:11434",
+            num_ctx=8192, vlm_declared_bytes=cfg.vlm_declared_mib * MIB, clip_declared_bytes=600 * MIB,
+            reserve_bytes=cfg.reserve_mib * MIB, idle_timeout_s=cfg.idle_timeout_s, default_lease_ttl_s=60.0,
+            load_retry_backoff_s=5.0,
+        )
+        self.requests: dict[str, Request] = {}
+        self.held: dict[str, float] = {}  # lease id -> granted at
+        self.counter = 0
+        self.target_set_at = 1_000.0
+        self.last_mode = cfg.initial_mode
+        self.pin: str | None = None  # PlaceClip since the last SetMode (the harness's own record)
+        self.pin_request: str | None = None
+        self.demand_ended_at = -1.0
+        self.idle_unloaded_at = -1.0
+        self.pending_free_at: float | None = None  # a freeing step finished, not yet confirmed by a reading
+        self.pending_free_vlm = False
+        self.must_confirm_next = False
+        self.ollama_up = True
+        self.checked_allocs = 0
+        self.gpu_at_send: dict[str, bool] = {}
+        self.vram_at_unload: dict[str, int] = {}  # step id -> VLM bytes on the GPU when the step was sent
+        self.world = SimWorld(
+            self.settings,
+            gpu_total_bytes=cfg.gpu_total_bytes,
+            gpu_present=cfg.gpu_present,
+            external_bytes=cfg.external_mib * MIB,
+            vlm_true_bytes=(cfg.vlm_declared_mib - cfg.vlm_shrink_mib) * MIB,
+            clip_true_bytes=cfg.clip_mib * MIB,
+            vlm_loaded=cfg.vlm_loaded,
+            clip_device=cfg.clip_device,
+            timings=Timings(vlm_load_s=cfg.load_s, vlm_release_lag_s=cfg.release_lag_s),
+            initial_mode=cfg.initial_mode,
+            change_threshold_bytes=1 * MIB,  # every change reported: the capacity check below can then be exact
+            observers=[self.watch],
+        )
+        self.checked_allocs = len(self.world.ledger.allocations)  # what was there before Mai decided anything
+
+    # --- helpers --------------------------------------------------------------------------------------------------
+
+    def _id(self, kind: str) -> str:
+        self.counter += 1
+        return f"{kind}-{self.counter}"
+
+    def _send(self, message: Any, sender: str = "client-0") -> None:
+        self.requests[message.request_id] = Request(message, sender, self.world.now)
+        self.world.send(message, sender)
+
+    def _outstanding(self, kind: type, **match: Any) -> list[Request]:
+        return [r for r in self.requests.values() if isinstance(r.message, kind) and not r.replies
+                and all(getattr(r.message, k) == v for k, v in match.items())]
+
+    @property
+    def gpu_usable(self) -> bool:
+        return self.world.gpu_usable
+
+    # --- the observer: invariants at the instant things happen ------------------------------------------------------
+
+    def watch(self, world: SimWorld, item: Any) -> None:
+        if isinstance(item, Delivery):
+            self._on_delivery(world, item.message)
+        elif isinstance(item, SendStep):
+            self._on_step(world, item.message)
+        elif isinstance(item, Reply):
+            self._on_reply(world, item)
+        elif isinstance(item, Publish):
+            self._on_publish(world, item.event)
+        elif isinstance(item, Log):
+            self._on_log(world, item)
+
+    def _on_delivery(self, world: SimWorld, msg: Any) -> None:
+        if isinstance(msg, VramRecovered):
+            self.pending_free_at, self.pending_free_vlm = None, False
+            if msg.complete and self.must_confirm_after is not None:
+                # Invariant 4: a confirmed unload means VRAM use really went down, per the ledger.
+                assert world.ledger.used_at(world.now) < self.must_confirm_after, "VRAM did not go down after unload"
+            self.must_confirm_after = None
+        elif isinstance(msg, (ResourceChanged, VramReading)):
+            if self.pending_free_at is not None and not self.pending_free_vlm and msg.snapshot.taken_at > self.pending_free_at:
+                self.pending_free_at = None
+        elif isinstance(msg, PartHealth) and msg.part == "gpu" and not msg.ok:
+            self.pending_free_at, self.pending_free_vlm, self.must_confirm_next = None, False, False
+        elif isinstance(msg, VlmUnloaded) and world.gpu_usable:
+            record = next((s for s in world.steps if s.step_id == msg.step_id), None)
+            if record is not None:
+                self.pending_free_at, self.pending_free_vlm, self.must_confirm_next = world.now, True, True
+                had_vram = self.vram_at_unload.get(msg.step_id, 0) > 0
+                self.must_confirm_after = world.ledger.used_at(record.sent_at) if had_vram else None
+        elif isinstance(msg, ClipMoved) and msg.device == "cpu" and world.gpu_usable:
+            # Freed CLIP bytes count only if the GPU was there when the move began (else nothing relied on them).
+            if self.gpu_at_send.get(msg.step_id) and self.pending_free_at is None:
+                self.pending_free_at = world.now
+
+    must_confirm_after: int | None = None  # ledger use when the unload being confirmed began
+
+    def _on_step(self, world: SimWorld, msg: Any) -> None:
+        self.gpu_at_send[msg.step_id] = world.gpu_usable
+        self.vram_at_unload[msg.step_id] = world.vlm.size_vram_bytes if world.vlm.state == "loaded" else 0
+        # Invariant 5: one VRAM-changing step at a time.
+        assert world.step_open is None, f"{msg} sent while {world.step_open.message} is in flight"
+        # Invariant 4: the first thing after an unload is the confirmation that VRAM came back.
+        if self.must_confirm_next and world.gpu_usable:
+            assert isinstance(msg, WaitVramFree), f"{msg} sent before the unload was confirmed"
+            assert msg.fraction == self.settings.recovery_fraction
+        self.must_confirm_next = False
+        allocating = (isinstance(msg, LoadVlm) and world.gpu_usable) or (isinstance(msg, MoveClip) and msg.device == "gpu")
+        if allocating:
+            # Invariant 3 (both modes): freed bytes are confirmed before an allocating step relies on them.
+            assert self.pending_free_at is None, f"{msg} sent before the freed VRAM was confirmed"
+        if isinstance(msg, MoveClip) and msg.device == "gpu":
+            assert world.gpu_usable, "CLIP sent to a GPU that is not there"
+            assert world.vlm.state != "unloading"
+        if isinstance(msg, LoadVlm) and world.gpu_usable:
+            policy = self.settings.modes[world.core.target_mode]
+            if policy.clip == "cpu" and self.pin != "gpu":
+                # Invariant 3 (RECORDING): CLIP is off the GPU before the VLM load starts.
+                assert world.clip.placement == "cpu" and world.clip.alloc is None, "VLM load with CLIP on the GPU"
+        if isinstance(msg, UnloadVlm):
+            # Invariant 8: never unload while a lease is held.
+            assert not self.held, f"unload while leases {sorted(self.held)} are held"
+
+    def _on_log(self, world: SimWorld, log: Log) -> None:
+        if log.event in ("lease.expired", "lease.revoked"):
+            granted = self.held.pop(log.fields["lease_id"], None)
+            assert granted is not None, f"{log.event} for a lease not held: {log.fields}"
+            self.demand_ended_at = world.now if log.event == "lease.expired" else self.demand_ended_at
+            if log.event == "lease.revoked":
+                # Revoked only when entering a vlm=unloaded mode, after the drain timeout, and only older leases.
+                assert self.settings.modes[world.core.target_mode].vlm == "unloaded"
+                assert world.now + EPS >= self.target_set_at + self.cfg.drain_s
+                assert granted <= self.target_set_at + EPS
+
+    def _on_reply(self, world: SimWorld, reply: Reply) -> None:
+        msg = reply.message
+        request = self.requests.get(msg.request_id)
+        assert request is not None, f"reply to a request never sent: {msg}"
+        assert reply.to == request.sender, "reply sent to the wrong client"
+        assert not request.replies, f"second reply to {request.message}: {msg} after {request.replies}"
+        request.replies.append(msg)
+        # Invariant 7: an answer within the request's own timeout, never a hang.
+        timeout = getattr(request.message, "timeout_s", None)
+        if timeout is not None:
+            assert world.now <= request.deadline + EPS, f"{msg} came {world.now - request.deadline:.3f} s late"
+        if isinstance(msg, LeaseGranted):
+            # Invariant 9: a lease is granted only on a loaded VLM (loading it first on demand).
+            assert world.vlm.state == "loaded", f"lease granted with the VLM {world.vlm.state}"
+            assert msg.num_ctx == self.settings.num_ctx and msg.host == self.settings.vlm_host
+            self.held[msg.lease_id] = world.now
+        elif isinstance(msg, LeaseReleased):
+            if self.held.pop(msg.lease_id, None) is not None:
+                self.demand_ended_at = world.now
+        elif isinstance(msg, VlmReady):
+            # Invariant 7: ensure-loaded returns only when the VLM is loaded; likewise unloaded.
+            assert world.vlm.state == ("loaded" if msg.loaded else "unloaded"), f"{msg} with VLM {world.vlm.state}"
+            assert msg.loaded == request.message.loaded
+            if msg.loaded:
+                self.demand_ended_at = world.now
+        elif isinstance(msg, ClipPlaced):
+            assert world.clip.placement == request.message.device
+        elif isinstance(msg, ModeReached):
+            assert world.core.mode == msg.mode == request.message.mode
+        elif isinstance(msg, Failure):
+            if msg.reason == Reason.INSUFFICIENT_VRAM:
+                # Invariant 12: a refusal names the bytes needed and free, and they really do not fit...
+                details = dict(msg.details)
+                needed, free = int(details["needed_bytes"]), int(details["free_bytes"])
+                assert needed > free - self.settings.reserve_bytes
+                if isinstance(request.message, (AcquireLease, EnsureVlm)) and "clip" in details["evictable"] \
+                        and self.pin != "gpu":
+                    # ...not even if CLIP yielded its place (DESIGN §3: the plan decides which one yields).
+                    assert needed > free + world.clip.true_bytes - self.settings.reserve_bytes, "CLIP should yield"
+            elif msg.reason == Reason.TIMEOUT and not self.cfg.faults:
+                # Liveness: in a world that behaves, a VLM asked for with time to spare is served (or refused).
+                on_demand = isinstance(request.message, AcquireLease) or (
+                    isinstance(request.message, EnsureVlm) and request.message.loaded)
+                assert not (on_demand and request.message.timeout_s >= 30.0), f"{request.message} timed out"
+            elif msg.reason == Reason.NO_GPU:
+                assert isinstance(request.message, PlaceClip) and request.message.device == "gpu"
+                assert not world.gpu_usable
+            if msg.request_id == self.pin_request and msg.reason not in (Reason.TIMEOUT, Reason.SUPERSEDED):
+                self.pin = None  # the coordinator drops a manual placement that cannot happen
+
+    def _on_publish(self, world: SimWorld, event: Any) -> None:
+        if isinstance(event, IdleUnloaded):
+            self.idle_unloaded_at = world.now
+        elif isinstance(event, PlanRefused):
+            assert event.needed_bytes > event.free_bytes - self.settings.reserve_bytes
+            # ...and not on a guess: it does not fit in what the last VRAM reading showed free either (unless the
+            # plan gives that room to a VLM load first, as when a pinned CLIP meets a VLM wanted on demand).
+            if event.step.startswith("load ") or "could yield: vlm" not in event.reason:
+                reading = world.core.status("check", world.now).vram
+                assert event.needed_bytes > reading.free_bytes - self.settings.reserve_bytes, "refused on a guess"
+        elif isinstance(event, ModeChanged):
+            policy = self.settings.modes[event.mode]
+            assert event.mode == world.core.target_mode
+            # Invariant 1: entering RECORDING loads the VLM (unless someone asked for it unloaded, or it idled out).
+            if policy.vlm == "loaded" and not self._outstanding(EnsureVlm, loaded=False) \
+                    and self.idle_unloaded_at < self.target_set_at:
+                assert world.vlm.state == "loaded", f"entered {event.mode} with the VLM {world.vlm.state}"
+            # Invariant 1: entering AUTOPILOT unloads the VLM (unless it is in use on demand, or in its grace).
+            on_demand = self.held or self._outstanding(AcquireLease) or self._outstanding(EnsureVlm, loaded=True)
+            in_grace = policy.vlm_grace_s is not None and self.demand_ended_at >= self.target_set_at
+            if policy.vlm == "unloaded" and not on_demand and not in_grace:
+                assert world.vlm.state == "unloaded", f"entered {event.mode} with the VLM {world.vlm.state}"
+                # Invariant 2: ...and CLIP is on the GPU when there is one (the mode is reached only if it fits).
+                if policy.clip == "gpu" and world.gpu_usable and self.pin != "cpu":
+                    assert world.clip.placement == "gpu", f"entered {event.mode} with CLIP on {world.clip.placement}"
+
+    # --- rules ------------------------------------------------------------------------------------------------------
+    # Hypothesis picks a rule uniformly, so the common things (requests, time) have several rules each and the
+    # world's faults share one rule, enabled in half of the worlds.
+
+    @rule(client=st.integers(0, 2), mode=st.sampled_from(MODES), wait=st.booleans(),
+          timeout=st.sampled_from([5.0, 30.0, 120.0]))
+    def set_mode(self, client: int, mode: str, wait: bool, timeout: float) -> None:
+        if mode != self.world.core.target_mode:
+            self.target_set_at = self.world.now
+        self.pin, self.last_mode = None, mode
+        self._send(SetMode(self._id("mode"), mode, wait, timeout), f"client-{client}")
+        # Invariant 6 (at once): the newest request is the target, whoever sent it.
+        assert self.world.core.target_mode == mode
+
+    @rule(holder=st.sampled_from(["loop", "describer"]), ttl=st.sampled_from([1.0, 10.0, 60.0]),
+          timeout=st.sampled_from([2.0, 30.0, 120.0]))
+    def acquire(self, holder: str, ttl: float, timeout: float) -> None:
+        self._send(AcquireLease(self._id("lease"), holder, ttl, timeout), "client-1")
+
+    @rule(ttl=st.sampled_from([5.0, 60.0]))
+    def acquire_and_wait(self, ttl: float) -> None:
+        self._send(AcquireLease(self._id("lease"), "loop", ttl, 60.0), "client-1")
+        self.world.advance(10.0)
+
+    @precondition(lambda self: bool(self.held))
+    @rule(index=st.integers(0, 10))
+    def release(self, index: int) -> None:
+        lease_id = sorted(self.held)[index % len(self.held)]
+        self._send(ReleaseLease(self._id("release"), lease_id), "client-1")
+
+    @rule(loaded=st.booleans(), timeout=st.sampled_from([1.0, 20.0, 120.0]))
+    def ensure(self, loaded: bool, timeout: float) -> None:
+        self._send(EnsureVlm(self._id("ensure"), loaded, timeout), "client-2")
+
+    @rule(device=st.sampled_from(["cpu", "gpu"]), timeout=st.sampled_from([1.0, 60.0]))
+    def place_clip(self, device: str, timeout: float) -> None:
+        request_id = self._id("place")
+        no_gpu = device == "gpu" and not self.gpu_usable
+        self._send(PlaceClip(request_id, device, timeout), "client-2")
+        if no_gpu:
+            failure = self.world.reply(request_id)
+            assert isinstance(failure, Failure) and failure.reason == Reason.NO_GPU
+        else:
+            self.pin, self.pin_request = device, request_id
+
+    @rule(dt=st.sampled_from([0.0, 0.01, 0.1, 0.5, 2.0]))
+    def advance_a_little(self, dt: float) -> None:
+        self.world.advance(dt)
+
+    @rule(dt=st.sampled_from([5.0, 15.0, 60.0, 400.0]))
+    def advance_a_lot(self, dt: float) -> None:
+        self.world.advance(dt)
+
+    @precondition(lambda self: self.cfg.faults)
+    @rule(fault=st.sampled_from(["load fails", "load fails", "ollama down", "ollama up", "nvml fails", "nvml back",
+                                 "other program", "other program quits"]))
+    def fault(self, fault: str) -> None:
+        world = self.world
+        if fault == "load fails":
+            world.fail_next_loads(1)
+        elif fault.startswith("ollama"):
+            self.ollama_up = fault == "ollama up"
+            world.set_ollama_reachable(self.ollama_up)
+        elif fault.startswith("nvml") and self.cfg.gpu_present:
+            world.set_gpu_healthy(fault == "nvml back")
+        elif fault.startswith("other program") and self.cfg.gpu_present:
+            wanted = 0 if fault.endswith("quits") else 3 * GIB
+            room = world.ledger.free_bytes + world.ledger.held("external")
+            world.set_external_bytes(min(wanted, room))
+
+    @rule(invalid=st.booleans())
+    def status(self, invalid: bool) -> None:
+        if invalid:  # a mode that does not exist is refused at once, naming the ones that do
+            request_id = self._id("mode")
+            self._send(SetMode(request_id, "dancing"))
+            failure = self.world.reply(request_id)
+            assert isinstance(failure, Failure) and failure.reason == Reason.INVALID_REQUEST
+            assert "autopilot" in failure.message
+        request_id = self._id("status")
+        self._send(GetStatus(request_id))
+        self._check_status(self.world.reply(request_id))
+
+    def _check_status(self, status: Status) -> None:
+        """Invariant 11: status is complete and agrees with the world."""
+        world, core = self.world, self.world.core
+        assert isinstance(status, Status)
+        assert status.mode == core.mode and status.target_mode == core.target_mode
+        assert status.vram is not None and status.vram.gpu_present == self.cfg.gpu_present
+        assert status.reserve_bytes == self.settings.reserve_bytes
+        assert status.vlm.state in VLM_STATES and status.vlm.model == self.settings.vlm_model
+        assert status.vlm.leases == len(self.held) and status.vlm.host == self.settings.vlm_host
+        assert status.vlm.footprint_bytes > 0
+        open_step = world.step_open
+        assert (status.step_in_flight is None) == (open_step is None)
+        if open_step is None:
+            assert status.vlm.state == world.vlm.state, (status.vlm.state, world.vlm.state)
+            assert status.clip.device == ("sim-gpu" if world.clip.placement == "gpu" else "cpu")
+        degraded = dict(status.degraded)
+        assert ("vlm" in degraded) == (not self.ollama_up)
+        if not world.gpu_healthy:
+            assert "gpu" in degraded
+        assert status.chat_model is None
+        assert isinstance(status.plan, tuple) and all(isinstance(s, str) for s in status.plan)
+        assert status.at == world.now
+        status.to_dict()
+
+    # --- invariants over the whole record ---------------------------------------------------------------------------
+
+    @invariant()
+    def ledger_within_capacity(self) -> None:
+        """Invariant 12: every allocation Mai made fitted in capacity minus reserve, per the ledger."""
+        if not hasattr(self, "world"):
+            return
+        ledger = self.world.ledger
+        limit = ledger.total_bytes - self.settings.reserve_bytes
+        for alloc in ledger.allocations[self.checked_allocs:]:
+            if alloc.owner in ("vlm", "clip"):
+                assert alloc.used_before + alloc.nbytes <= limit, (
+                    f"{alloc.owner} took {alloc.nbytes / GIB:.2f} GiB with {alloc.used_before / GIB:.2f} GiB in use "
+                    f"on a {ledger.total_bytes / GIB:.0f} GiB GPU with {self.settings.reserve_bytes / GIB:.2f} GiB reserved"
+                )
+        self.checked_allocs = len(ledger.allocations)
+
+    @invariant()
+    def leases_drain_in_bounded_time(self) -> None:
+        """Entering a vlm=unloaded mode waits for older leases at most lease_drain_timeout_s (DESIGN §3)."""
+        if not hasattr(self, "world"):
+            return
+        core, now = self.world.core, self.world.now
+        if self.settings.modes[core.target_mode].vlm == "unloaded" and core.mode != core.target_mode \
+                and now > self.target_set_at + self.cfg.drain_s + EPS:
+            older = [lease for lease, granted in self.held.items() if granted < self.target_set_at]
+            assert not older, f"leases {older} still held {now - self.target_set_at:.1f} s into the drain"
+
+    @invariant()
+    def steps_never_overlap(self) -> None:
+        """Invariant 5, on the step log: each step ended before the next began."""
+        if not hasattr(self, "world"):
+            return
+        steps = self.world.steps
+        for before, after in zip(steps, steps[1:]):
+            assert before.ended_at is not None and before.ended_at <= after.sent_at + EPS
+
+    def teardown(self) -> None:
+        """Heal the world, let time run, and check where everything ended up."""
+        if not hasattr(self, "world"):
+            return
+        world = self.world
+        seen = {event for _, event, _ in world.logs} | {type(e).__name__ for _, e in world.events}
+        for what in ("lease.revoked", "lease.expired", "plan.refused", "plan.note", "vram.recovery_incomplete",
+                     "step.failed", "IdleUnloaded", "ModeChanged", "lease.granted"):
+            event(f"saw {what}: {what in seen}")  # --hypothesis-show-statistics: the checks above really ran
+        if not self.ollama_up:
+            self.ollama_up = True
+            world.set_ollama_reachable(True)
+        if not world.gpu_healthy:
+            world.set_gpu_healthy(True)
+        for _ in range(6):
+            world.advance(400.0)
+        # Invariant 7: nothing hangs — every request was answered.
+        unanswered = [r.message for r in self.requests.values() if not r.replies]
+        assert not unanswered, f"never answered: {unanswered}"
+        core = world.core
+        assert world.step_open is None and core.step_in_flight is None
+        # Invariant 6: the final state is the last mode asked (unless that mode's own step cannot fit at all).
+        assert core.target_mode == self.last_mode
+        status = core.status("final", world.now)
+        refused = any(p.startswith("refused:") for p in status.plan)
+        assert core.mode == self.last_mode or refused, (core.mode, self.last_mode, status.plan)
+        # Invariant 8: with no lease for idle_timeout_s the VLM is unloaded (leases have all expired by now).
+        assert not self.held
+        assert world.vlm.state == "unloaded", f"VLM still {world.vlm.state} long after the last lease"
+        # Invariant 2: in AUTOPILOT, CLIP ends on the GPU if there is one and it fits.
+        policy = self.settings.modes[core.mode]
+        if policy.clip == "gpu" and self.pin is None and self.cfg.gpu_present and core.mode == self.last_mode:
+            fits = world.ledger.free_bytes + world.ledger.held("clip") - self.settings.reserve_bytes >= world.clip.true_bytes
+            if fits:
+                assert world.clip.placement == "gpu", "CLIP left on the CPU in a clip=gpu mode although it fits"
+        self._check_status(core.status("final", world.now))
+
+
+GateMachine.TestCase.settings = settings(
+    max_examples=int(os.environ.get("MAI_PROPERTY_EXAMPLES", "150")),
+    phases=[Phase.explicit, Phase.generate] if os.environ.get("MAI_PROPERTY_NO_SHRINK") else list(Phase),
+    stateful_step_count=40,
+    derandomize=not os.environ.get("MAI_PROPERTY_RANDOM"),
+    database=None,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+TestGate = GateMachine.TestCase

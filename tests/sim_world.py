@@ -1,0 +1,523 @@
+"""A simulated world around the coordinator core: virtual time, a GPU ledger, and executors that answer steps.
+
+The coordinator core (`mai.core.coordinator.Coordinator`) is pure: messages in, effects out. `SimWorld` plays
+everything else, the way the actors and the outside world would, but in virtual time and in memory:
+
+- `VramLedger`: the GPU's memory by owner ("vlm", "clip", "external"). Every allocation is kept as an interval
+  (begin, end, bytes, what was in use just before), so invariants are checked on the record afterwards: capacity
+  minus reserve never exceeded, VRAM really went down after an unload, and so on.
+- `SimVlm` (Ollama behind the VLM loader), `SimClip` (the CLIP mover), and a sampler: they answer LoadVlm /
+  UnloadVlm / MoveClip / WaitVramFree after configurable durations (`Timings`), may fail on request (Ollama
+  unreachable, the next N loads fail, the GPU disappears), and change the ledger the way the real thing does —
+  a VLM's bytes come back `vlm_release_lag_s` after its unload returns, as Ollama's runner exits after replying.
+- The sampler is the VramSampler actor's own pure core (`mai.core.sampler.SamplerCore`) reading the ledger: it
+  samples `sample_interval_s` after every change (and while a WaitVramFree is pending), delivers `ResourceChanged`
+  when use moved by at least `change_threshold_bytes`, and answers waits by Ollama's recovery rule.
+- `SimWorld` keeps one event queue ordered by (time, arrival), delivers messages to the core, executes its
+  effects (SendStep → an executor, Reply/Publish/Log/PersistFootprint → records, WakeAt → a Tick later), and
+  calls `observers` with every delivery and every effect *before* it takes effect, so a test can assert
+  invariants at the exact instant something happens.
+
+Nothing here sleeps: `advance(seconds)` runs the queue up to a virtual time. The benchmark's trace simulator reuses
+this module to replay a day of an ExecutionLoop in milliseconds.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping
+
+from mai.core.coordinator import (
+    Coordinator,
+    CoordinatorSettings,
+    Log,
+    PersistFootprint,
+    Publish,
+    Reply,
+    SendStep,
+    Tick,
+    WakeAt,
+)
+from mai.core.sampler import SamplerCore
+from messages.errors import Reason
+from messages.events import ResourceChanged
+from messages.failure import Failure
+from messages.resources import VramSnapshot
+from messages.steps import (
+    ClipMoved,
+    ClipObserved,
+    LoadVlm,
+    MoveClip,
+    PartHealth,
+    StepFailed,
+    UnloadVlm,
+    VlmLoaded,
+    VlmObserved,
+    VlmUnloaded,
+    VramReading,
+    WaitVramFree,
+)
+
+MIB = 2**20
+GIB = 2**30
+
+
+# --- the GPU ledger ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Allocation:
+    owner: str  # "vlm" | "clip" | "external"
+    nbytes: int
+    begin: float
+    end: float | None = None  # None while held
+    used_before: int = 0  # ledger use just before this allocation: capacity checks need no replay
+
+    def live_at(self, t: float) -> bool:
+        return self.begin <= t and (self.end is None or t < self.end)
+
+
+class VramLedger:
+    """One GPU's memory, allocation by allocation, with the full history kept."""
+
+    def __init__(self, total_bytes: int, *, gpu_present: bool = True, device_name: str = "sim-gpu",
+                 host_total_bytes: int = 64 * GIB) -> None:
+        self.total_bytes = total_bytes
+        self.gpu_present = gpu_present
+        self.device_name = device_name
+        self.host_total_bytes = host_total_bytes
+        self.allocations: list[Allocation] = []
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(a.nbytes for a in self.allocations if a.end is None)
+
+    @property
+    def free_bytes(self) -> int:
+        return self.total_bytes - self.used_bytes
+
+    def held(self, owner: str) -> int:
+        return sum(a.nbytes for a in self.allocations if a.end is None and a.owner == owner)
+
+    def allocate(self, owner: str, nbytes: int, at: float) -> Allocation:
+        alloc = Allocation(owner, nbytes, at, used_before=self.used_bytes)
+        self.allocations.append(alloc)
+        return alloc
+
+    def release(self, alloc: Allocation, at: float) -> None:
+        if alloc.end is None:
+            alloc.end = at
+
+    def used_at(self, t: float) -> int:
+        return sum(a.nbytes for a in self.allocations if a.live_at(t))
+
+    def snapshot(self, now: float) -> VramSnapshot:
+        if not self.gpu_present:  # psutil stand-in: host RAM, nothing Mai places on a GPU
+            used = self.host_total_bytes // 4
+            return VramSnapshot(self.host_total_bytes, used, self.host_total_bytes - used, "psutil", "host", now, False)
+        return VramSnapshot(self.total_bytes, self.used_bytes, self.free_bytes, "simulated", self.device_name, now)
+
+
+# --- executors -------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Timings:
+    vlm_load_s: float = 4.0
+    vlm_unload_s: float = 0.4
+    vlm_release_lag_s: float = 0.3  # VRAM comes back this long after the unload call returned
+    clip_move_s: float = 0.05
+    ack_s: float = 0.005  # an idempotent no-op step (already loaded, already there)
+    fail_s: float = 0.05  # a step that fails at once (Ollama unreachable)
+    sample_interval_s: float = 0.25  # sampler: reading after a change, and WaitVramFree polls
+
+
+@dataclass
+class SimVlm:
+    """Ollama as the VLM loader sees it: one model, loaded or not, on the GPU or (without one) on the CPU."""
+
+    model: str
+    true_bytes: int  # what a full load takes on the GPU (Ollama's size == size_vram when it fits)
+    state: str = "unloaded"  # unloaded | loading | loaded | unloading
+    size_vram_bytes: int = 0
+    reachable: bool = True
+    fail_loads: int = 0  # the next N loads fail with LOAD_FAILED
+    alloc: Allocation | None = None
+    history: list[tuple[float, str]] = field(default_factory=list)
+
+    def set_state(self, state: str, now: float) -> None:
+        self.state = state
+        self.history.append((now, state))
+
+
+@dataclass
+class SimClip:
+    model: str
+    true_bytes: int
+    placement: str = "cpu"  # cpu | gpu
+    alloc: Allocation | None = None
+    history: list[tuple[float, str]] = field(default_factory=list)
+
+
+@dataclass
+class StepRecord:
+    step_id: str
+    target: str
+    message: Any
+    sent_at: float
+    ended_at: float | None = None  # when its result reached the core
+    result: Any = None
+
+    @property
+    def ok(self) -> bool | None:
+        return None if self.result is None else not isinstance(self.result, StepFailed)
+
+
+@dataclass
+class ReplyRecord:
+    at: float
+    to: Any
+    message: Any
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What observers see when a message is about to reach the core."""
+
+    message: Any
+    sender: Any
+
+
+Observer = Callable[["SimWorld", Any], None]  # called with a Delivery or an effect, before it takes effect
+
+
+class SimWorld:
+    """The core plus a simulated GPU, Ollama, CLIP and sampler, in virtual time. See the module docstring."""
+
+    def __init__(
+        self,
+        settings: CoordinatorSettings,
+        *,
+        gpu_total_bytes: int = 12 * GIB,
+        gpu_present: bool = True,
+        external_bytes: int = 0,
+        vlm_true_bytes: int | None = None,
+        clip_true_bytes: int | None = None,
+        vlm_loaded: bool = False,
+        clip_device: str = "cpu",
+        timings: Timings | None = None,
+        learned_footprints: Mapping[str, int] | None = None,
+        initial_mode: str | None = None,
+        start_at: float = 1_000.0,
+        change_threshold_bytes: int = 100 * MIB,
+        observe_at_start: bool = True,
+        observers: Iterable[Observer] = (),
+    ) -> None:
+        self.settings = settings
+        self.now = start_at
+        self.timings = timings or Timings()
+        self.observers: list[Observer] = list(observers)
+        self.ledger = VramLedger(gpu_total_bytes, gpu_present=gpu_present)
+        self.gpu_healthy = True
+        self.external: Allocation | None = None
+        if external_bytes and gpu_present:
+            self.external = self.ledger.allocate("external", external_bytes, start_at)
+        self.vlm = SimVlm(settings.vlm_model, vlm_true_bytes or settings.vlm_declared_bytes)
+        self.vlm.set_state("unloaded", start_at)
+        if vlm_loaded:
+            self._vlm_up(start_at)
+        self.clip = SimClip("ViT-B-32", clip_true_bytes or settings.clip_declared_bytes)
+        self.clip.history.append((start_at, "cpu"))
+        if clip_device == "gpu" and gpu_present and self.ledger.free_bytes >= self.clip.true_bytes:
+            self.clip.alloc = self.ledger.allocate("clip", self.clip.true_bytes, start_at)
+            self.clip.placement = "gpu"
+            self.clip.history.append((start_at, "gpu"))
+        self.core = Coordinator(settings, start_at, learned_footprints=learned_footprints, initial_mode=initial_mode)
+
+        self.replies: list[ReplyRecord] = []
+        self.events: list[tuple[float, Any]] = []
+        self.logs: list[tuple[float, str, dict]] = []
+        self.steps: list[StepRecord] = []
+        self.persisted: dict[str, int] = {}
+        self.ticks = 0
+        self._queue: list[tuple[float, int, Callable[[], None]]] = []
+        self._seq = itertools.count()
+        self._ticks_at: set[float] = set()
+        self._open_steps: dict[str, StepRecord] = {}
+        self.sampler = SamplerCore(threshold_bytes=change_threshold_bytes)
+        self.sampler.observe(self.ledger.snapshot(self.now), self.now)  # the baseline for "changed by"
+        self._sample_pending = False
+        if observe_at_start:
+            self.deliver(VramReading("watch", self.ledger.snapshot(self.now), None), "sampler")
+            self.deliver(self._vlm_observation(), "vlm")
+            self.deliver(ClipObserved(self._clip_device(), self.clip.true_bytes, True, self.clip.model), "clip")
+
+    # --- driving the world ------------------------------------------------------------------------------------------
+
+    def send(self, message: Any, sender: Any = "client") -> None:
+        """A client's message arrives now (after whatever is already queued for this instant)."""
+        self.at(self.now, lambda: self.deliver(message, sender))
+        self.run_until(self.now)
+
+    def ask(self, message: Any, sender: Any = "client", within_s: float = 0.0) -> Any:
+        """Send a request and run up to `within_s` seconds, or until it is answered; the answer or None."""
+        self.send(message, sender)
+        deadline = self.now + within_s
+        while self.reply(message.request_id) is None and self._queue and self._queue[0][0] <= deadline:
+            self._step_queue()
+        if self.reply(message.request_id) is None:
+            self.now = max(self.now, deadline)
+        return self.reply(message.request_id)
+
+    def advance(self, seconds: float) -> None:
+        self.run_until(self.now + seconds)
+
+    def run_until(self, t: float) -> None:
+        guard = 0
+        while self._queue and self._queue[0][0] <= t:
+            self._step_queue()
+            guard += 1
+            if guard > 200_000:
+                raise RuntimeError(f"the simulation does not settle at t={self.now}: a loop between core and world?")
+        self.now = max(self.now, t)
+
+    def at(self, when: float, action: Callable[[], None]) -> None:
+        heapq.heappush(self._queue, (max(when, self.now), next(self._seq), action))
+
+    def _step_queue(self) -> None:
+        when, _, action = heapq.heappop(self._queue)
+        self.now = max(self.now, when)
+        action()
+
+    def deliver(self, message: Any, sender: Any) -> None:
+        """Hand a message to the core now and execute the effects it returns, in order."""
+        for observe in self.observers:
+            observe(self, Delivery(message, sender))
+        if isinstance(message, Tick):
+            self.ticks += 1
+        for effect in self.core.handle(message, sender, self.now):
+            for observe in self.observers:
+                observe(self, effect)
+            self._execute(effect)
+
+    # --- the outside world changing -------------------------------------------------------------------------------
+
+    def set_ollama_reachable(self, reachable: bool) -> None:
+        """Ollama goes away (or comes back); the loader tells the coordinator, as the VLM loader actor does."""
+        self.vlm.reachable = reachable
+        reason = "" if reachable else "Ollama unreachable at http://127.0.0.1:11434 (simulated)"
+        self.send(PartHealth("vlm", reachable, reason), "vlm")
+
+    def set_gpu_healthy(self, healthy: bool) -> None:
+        """NVML fails (or recovers): no new VRAM for Mai — Ollama loads on the CPU, CLIP cannot go to the GPU."""
+        self.gpu_healthy = healthy
+        self.send(PartHealth("gpu", healthy, "" if healthy else "NVML failed (simulated)"), "sampler")
+
+    def set_external_bytes(self, nbytes: int) -> None:
+        """Another program's VRAM use changes; the sampler reports it at once."""
+        if not self.ledger.gpu_present:
+            return
+        if self.external is not None:
+            self.ledger.release(self.external, self.now)
+        self.external = self.ledger.allocate("external", nbytes, self.now) if nbytes else None
+        self._sample()
+        self.run_until(self.now)
+
+    def fail_next_loads(self, count: int = 1) -> None:
+        self.vlm.fail_loads += count
+
+    # --- records ------------------------------------------------------------------------------------------------------
+
+    def reply(self, request_id: str) -> Any:
+        for record in self.replies:
+            if getattr(record.message, "request_id", None) == request_id:
+                return record.message
+        return None
+
+    def replies_for(self, request_id: str) -> list[ReplyRecord]:
+        return [r for r in self.replies if getattr(r.message, "request_id", None) == request_id]
+
+    def events_of(self, kind: type) -> list[Any]:
+        return [e for _, e in self.events if isinstance(e, kind)]
+
+    def logs_of(self, name: str) -> list[dict]:
+        return [fields for _, event, fields in self.logs if event == name]
+
+    def sent(self, kind: type | None = None) -> list[Any]:
+        """The step messages sent so far, in order (of one type, if given)."""
+        return [s.message for s in self.steps if kind is None or isinstance(s.message, kind)]
+
+    @property
+    def step_open(self) -> StepRecord | None:
+        return next(iter(self._open_steps.values()), None)
+
+    @property
+    def gpu_usable(self) -> bool:
+        return self.ledger.gpu_present and self.gpu_healthy
+
+    # --- effects ---------------------------------------------------------------------------------------------------------
+
+    def _execute(self, effect: Any) -> None:
+        if isinstance(effect, SendStep):
+            record = StepRecord(effect.message.step_id, effect.target, effect.message, self.now)
+            self.steps.append(record)
+            self._open_steps[record.step_id] = record
+            self._begin(record)
+        elif isinstance(effect, Reply):
+            self.replies.append(ReplyRecord(self.now, effect.to, effect.message))
+        elif isinstance(effect, Publish):
+            self.events.append((self.now, effect.event))
+        elif isinstance(effect, WakeAt):
+            when = max(effect.at, self.now)
+            if when not in self._ticks_at:
+                self._ticks_at.add(when)
+                self.at(when, lambda: (self._ticks_at.discard(when), self.deliver(Tick(), None)))
+        elif isinstance(effect, Log):
+            self.logs.append((self.now, effect.event, dict(effect.fields)))
+        elif isinstance(effect, PersistFootprint):
+            self.persisted[effect.model] = effect.nbytes
+        else:
+            raise TypeError(f"unknown effect {effect!r}")
+
+    def _finish(self, record: StepRecord, result: Any) -> None:
+        self._open_steps.pop(record.step_id, None)
+        record.ended_at, record.result = self.now, result
+        self.deliver(result, record.target)
+
+    def _finish_after(self, delay: float, record: StepRecord, make: Callable[[], Any]) -> None:
+        self.at(self.now + delay, lambda: self._finish(record, make()))
+
+    def _fail_after(self, delay: float, record: StepRecord, reason: Reason, message: str) -> None:
+        step_id = record.step_id
+        self._finish_after(delay, record, lambda: StepFailed(step_id, Failure(step_id, reason, message)))
+
+    def _begin(self, record: StepRecord) -> None:
+        msg, t = record.message, self.timings
+        if isinstance(msg, LoadVlm):
+            self._begin_load(record, msg)
+        elif isinstance(msg, UnloadVlm):
+            self._begin_unload(record, msg)
+        elif isinstance(msg, MoveClip):
+            self._begin_move(record, msg)
+        elif isinstance(msg, WaitVramFree):
+            self.sampler.wait(msg, record, self.now)
+            self.at(self.now, self._sample)
+        else:
+            self._fail_after(t.fail_s, record, Reason.INVALID_REQUEST, f"no executor takes {type(msg).__name__}")
+
+    def _begin_load(self, record: StepRecord, msg: LoadVlm) -> None:
+        vlm, t = self.vlm, self.timings
+        if not vlm.reachable:
+            self._fail_after(t.fail_s, record, Reason.BACKEND_UNREACHABLE, "Ollama unreachable (simulated)")
+        elif vlm.state == "loaded":
+            self._finish_after(t.ack_s, record, lambda: self._loaded_message(msg.step_id, 0.0))
+        elif vlm.fail_loads > 0:
+            vlm.fail_loads -= 1
+            self._fail_after(t.vlm_load_s / 2, record, Reason.LOAD_FAILED, "model failed to load (simulated)")
+        else:
+            vlm.set_state("loading", self.now)
+            if self.gpu_usable:  # Ollama claims its VRAM as it starts loading; what does not fit stays on the CPU
+                vlm.size_vram_bytes = max(0, min(vlm.true_bytes, self.ledger.free_bytes))
+                vlm.alloc = self.ledger.allocate("vlm", vlm.size_vram_bytes, self.now)
+                self._vram_changed()
+            else:
+                vlm.size_vram_bytes = 0
+
+            def done() -> Any:
+                vlm.set_state("loaded", self.now)
+                return self._loaded_message(msg.step_id, t.vlm_load_s)
+
+            self._finish_after(t.vlm_load_s, record, done)
+
+    def _begin_unload(self, record: StepRecord, msg: UnloadVlm) -> None:
+        vlm, t = self.vlm, self.timings
+        if not vlm.reachable:
+            self._fail_after(t.fail_s, record, Reason.BACKEND_UNREACHABLE, "Ollama unreachable (simulated)")
+        elif vlm.state == "unloaded":
+            self._finish_after(t.ack_s, record, lambda: VlmUnloaded(msg.step_id, msg.model, 0.0))
+        else:
+            vlm.set_state("unloading", self.now)
+
+            def done() -> Any:
+                vlm.set_state("unloaded", self.now)
+                alloc, vlm.alloc, vlm.size_vram_bytes = vlm.alloc, None, 0
+                if alloc is not None:
+                    self.at(self.now + t.vlm_release_lag_s, lambda: self._release(alloc))
+                return VlmUnloaded(msg.step_id, msg.model, t.vlm_unload_s)
+
+            self._finish_after(t.vlm_unload_s, record, done)
+
+    def _begin_move(self, record: StepRecord, msg: MoveClip) -> None:
+        clip, t = self.clip, self.timings
+        if msg.device == clip.placement:
+            self._finish_after(t.ack_s, record, lambda: ClipMoved(msg.step_id, self._clip_device(), clip.true_bytes, 0.0))
+        elif msg.device == "gpu" and not self.gpu_usable:
+            self._fail_after(t.fail_s, record, Reason.NO_GPU, "no CUDA device (simulated)")
+        elif msg.device == "gpu" and self.ledger.free_bytes < clip.true_bytes:
+            self._fail_after(t.fail_s, record, Reason.OUT_OF_MEMORY, "CUDA out of memory (simulated)")
+        elif msg.device == "gpu":
+            clip.alloc = self.ledger.allocate("clip", clip.true_bytes, self.now)
+            self._vram_changed()
+
+            def on_gpu() -> Any:
+                clip.placement = "gpu"
+                clip.history.append((self.now, "gpu"))
+                return ClipMoved(msg.step_id, "sim-gpu", clip.true_bytes, t.clip_move_s)
+
+            self._finish_after(t.clip_move_s, record, on_gpu)
+        else:
+
+            def on_cpu() -> Any:
+                clip.placement = "cpu"
+                clip.history.append((self.now, "cpu"))
+                if clip.alloc is not None:
+                    self._release(clip.alloc)  # torch frees on .to('cpu') + empty_cache()
+                    clip.alloc = None
+                return ClipMoved(msg.step_id, "cpu", clip.true_bytes, t.clip_move_s)
+
+            self._finish_after(t.clip_move_s, record, on_cpu)
+
+    # --- helpers ------------------------------------------------------------------------------------------------------
+
+    def _vlm_up(self, at: float) -> None:
+        self.vlm.set_state("loaded", at)
+        if self.ledger.gpu_present:  # what does not fit stays on the CPU (Ollama's partial offload)
+            self.vlm.size_vram_bytes = max(0, min(self.vlm.true_bytes, self.ledger.free_bytes))
+            self.vlm.alloc = self.ledger.allocate("vlm", self.vlm.size_vram_bytes, at)
+
+    def _vlm_observation(self) -> VlmObserved:
+        vlm = self.vlm
+        loaded = vlm.state == "loaded"
+        return VlmObserved(vlm.model, loaded, vlm.true_bytes if loaded else 0, vlm.size_vram_bytes if loaded else 0)
+
+    def _loaded_message(self, step_id: str, load_s: float) -> VlmLoaded:
+        return VlmLoaded(step_id, self.vlm.model, self.vlm.true_bytes, self.vlm.size_vram_bytes, load_s)
+
+    def _clip_device(self) -> str:
+        return "sim-gpu" if self.clip.placement == "gpu" else "cpu"
+
+    def _release(self, alloc: Allocation) -> None:
+        self.ledger.release(alloc, self.now)
+        self._vram_changed()
+
+    def _vram_changed(self) -> None:
+        """The sampler notices at its next reading (`sample_interval_s` later), like the VramSampler actor."""
+        if not self._sample_pending:
+            self._sample_pending = True
+            self.at(self.now + self.timings.sample_interval_s, lambda: self._sample())
+
+    def _sample(self) -> None:
+        """One reading: maybe a ResourceChanged, maybe answers to waits; poll again while waits are pending."""
+        self._sample_pending = False
+        event, answers = self.sampler.observe(self.ledger.snapshot(self.now), self.now)
+        if event is not None:
+            event = ResourceChanged(event.snapshot, event.delta_used_bytes, at=self.now)  # virtual time, not wall
+            self.at(self.now, lambda: self.deliver(event, "sampler"))
+        for record, answer in answers:
+            self.at(self.now, lambda record=record, answer=answer: self._finish(record, answer))
+        deadline = self.sampler.next_deadline()
+        if deadline is not None and not self._sample_pending:
+            self._sample_pending = True
+            self.at(min(self.now + self.timings.sample_interval_s, deadline), self._sample)

@@ -1,0 +1,208 @@
+"""The planner, scenario by scenario: what the GPU gate does next, and why (see `mai.core.plan`'s docstring)."""
+
+from __future__ import annotations
+
+import pytest
+
+from mai.core.plan import (
+    CONFIRM_FREE,
+    LOAD_VLM,
+    MOVE_CLIP_CPU,
+    MOVE_CLIP_GPU,
+    READ_VRAM,
+    UNLOAD_VLM,
+    Demand,
+    Goal,
+    ModePolicy,
+    World,
+    plan_steps,
+    resolve_vlm,
+)
+from messages.errors import MaiError, Reason
+
+GIB = 2**30
+MIB = 2**20
+AUTOPILOT = ModePolicy("unloaded", "gpu")
+RECORDING = ModePolicy("loaded", "cpu")
+IDLE = ModePolicy("keep", "keep")
+
+
+def world(**changes: object) -> World:
+    """A 12 GiB GPU with 1 GiB used by others, a 6 GiB VLM and a 0.6 GiB CLIP, reserve 0.5 GiB."""
+    base = dict(
+        vlm_model="qwen2.5vl:7b", vlm_state="unloaded", vlm_footprint_bytes=6 * GIB, clip_placement="cpu",
+        clip_footprint_bytes=600 * MIB, reserve_bytes=512 * MIB, gpu=True, free_bytes=11 * GIB,
+    )
+    base.update(changes)
+    return World(**base)  # type: ignore[arg-type]
+
+
+def kinds(plan) -> list[str]:
+    return [s.kind for s in plan.steps]
+
+
+# --- the modes ----------------------------------------------------------------------------------------------------
+
+
+def test_recording_moves_clip_off_the_gpu_confirms_then_loads_the_vlm():
+    plan = plan_steps(world(clip_placement="gpu", free_bytes=10 * GIB), RECORDING, Demand())
+    assert kinds(plan) == [MOVE_CLIP_CPU, CONFIRM_FREE, LOAD_VLM]
+    assert plan.describe() == ("move CLIP to cpu", "confirm VRAM recovered", "load qwen2.5vl:7b")
+    assert plan.next_step.kind == MOVE_CLIP_CPU
+
+
+def test_autopilot_unloads_confirms_then_moves_clip_to_the_gpu():
+    plan = plan_steps(world(vlm_state="loaded", free_bytes=5 * GIB), AUTOPILOT, Demand())
+    assert kinds(plan) == [UNLOAD_VLM, CONFIRM_FREE, MOVE_CLIP_GPU]
+    assert plan.steps[0].nbytes == 6 * GIB and plan.steps[0].cause == "mode"
+
+
+def test_idle_changes_nothing():
+    assert plan_steps(world(vlm_state="loaded", clip_placement="gpu"), IDLE, Demand()).done
+
+
+def test_a_reached_mode_has_an_empty_plan():
+    assert plan_steps(world(vlm_state="loaded"), RECORDING, Demand()).done
+    assert plan_steps(world(clip_placement="gpu"), AUTOPILOT, Demand()).done
+
+
+def test_an_unload_alone_is_still_confirmed():
+    """Invariant 4: even with nothing to allocate next, the sampler confirms the VRAM came back."""
+    plan = plan_steps(world(vlm_state="loaded", clip_placement="gpu"), ModePolicy("unloaded", "keep"), Demand())
+    assert kinds(plan) == [UNLOAD_VLM, CONFIRM_FREE]
+
+
+def test_a_finished_unload_is_confirmed_before_anything_else():
+    plan = plan_steps(world(unconfirmed_bytes=6 * GIB, unconfirmed_vlm=True), AUTOPILOT, Demand())
+    assert kinds(plan) == [CONFIRM_FREE, MOVE_CLIP_GPU]
+
+
+def test_freed_clip_bytes_are_confirmed_only_when_an_allocation_relies_on_them():
+    w = world(unconfirmed_bytes=600 * MIB)
+    assert kinds(plan_steps(w, RECORDING, Demand())) == [CONFIRM_FREE, LOAD_VLM]
+    assert plan_steps(w, IDLE, Demand()).done
+
+
+# --- on demand, and who yields ----------------------------------------------------------------------------------
+
+
+def test_a_lease_in_autopilot_loads_the_vlm_next_to_clip_when_both_fit():
+    plan = plan_steps(world(clip_placement="gpu", free_bytes=10 * GIB), AUTOPILOT, Demand(on_demand=1))
+    assert kinds(plan) == [LOAD_VLM]
+    assert plan.vlm_goal == Goal("loaded", "demand")
+
+
+def test_clip_yields_to_the_cpu_when_vlm_and_clip_do_not_both_fit():
+    tight = world(clip_placement="gpu", free_bytes=6 * GIB)  # 6 GiB free + 0.6 GiB CLIP - 0.5 reserve
+    plan = plan_steps(tight, AUTOPILOT, Demand(on_demand=1))
+    assert kinds(plan) == [MOVE_CLIP_CPU, CONFIRM_FREE, LOAD_VLM]
+    assert plan.clip_goal == Goal("cpu", "yield")
+    assert "CLIP yields to the CPU" in plan.notes[0]
+
+
+def test_clip_keeps_its_place_when_yielding_would_not_make_the_vlm_fit():
+    plan = plan_steps(world(clip_placement="gpu", free_bytes=4 * GIB), AUTOPILOT, Demand(on_demand=1))
+    assert kinds(plan) == []
+    (refusal,) = plan.refusals
+    assert refusal.kind == LOAD_VLM and refusal.needed_bytes == 6 * GIB and refusal.free_bytes == 4 * GIB
+    assert refusal.evictable == ("clip",) and refusal.cause == "demand"
+    assert "load qwen2.5vl:7b needs 6.0 GB, 4.0 GB free with 0.5 GB reserved; could yield: clip" == refusal.message
+
+
+def test_a_pinned_clip_does_not_yield_and_the_load_is_refused_instead():
+    plan = plan_steps(world(clip_placement="gpu", free_bytes=6 * GIB), AUTOPILOT, Demand(on_demand=1, clip_pin="gpu"))
+    assert kinds(plan) == [] and plan.refusals[0].kind == LOAD_VLM
+
+
+def test_a_stale_estimate_is_read_again_before_anything_is_refused():
+    """Never refuse on a guess: the estimate undercounts free VRAM until a reading shows what was freed."""
+    plan = plan_steps(world(free_bytes=4 * GIB, uncertain_bytes=3 * GIB), RECORDING, Demand())
+    assert kinds(plan) == [READ_VRAM] and not plan.refusals
+    hopeless = plan_steps(world(free_bytes=4 * GIB, uncertain_bytes=1 * GIB), RECORDING, Demand())
+    assert kinds(hopeless) == [] and hopeless.refusals  # no reading could make 6 GiB fit
+
+
+def test_the_mode_refuses_a_load_that_does_not_fit_and_names_nothing_to_evict():
+    plan = plan_steps(world(free_bytes=5 * GIB), RECORDING, Demand())
+    assert plan.refusals[0].evictable == () and plan.refusals[0].cause == "mode"
+    assert not plan.done
+
+
+def test_clip_stays_on_the_cpu_next_to_a_loaded_vlm_it_does_not_fit_beside():
+    plan = plan_steps(world(vlm_state="loaded", free_bytes=500 * MIB), ModePolicy("keep", "gpu"), Demand())
+    assert plan.done and plan.clip_goal == Goal("cpu", "yield")
+
+
+def test_a_pinned_clip_that_does_not_fit_is_refused_naming_the_vlm():
+    plan = plan_steps(world(vlm_state="loaded", free_bytes=500 * MIB), IDLE, Demand(clip_pin="gpu"))
+    assert plan.refusals[0].kind == MOVE_CLIP_GPU and plan.refusals[0].evictable == ("vlm",)
+    assert plan.refusals[0].cause == "pin"
+
+
+# --- what blocks a step -------------------------------------------------------------------------------------------
+
+
+def test_older_leases_block_the_unload_but_stay_in_the_plan():
+    plan = plan_steps(world(vlm_state="loaded", free_bytes=5 * GIB), AUTOPILOT, Demand(leases_held=1))
+    assert kinds(plan) == [UNLOAD_VLM, CONFIRM_FREE, MOVE_CLIP_GPU]
+    assert plan.steps[0].blocked == "waiting for 1 lease(s) to end" and plan.next_step is None
+    assert plan.describe()[0] == "unload qwen2.5vl:7b (waiting for 1 lease(s) to end)"
+
+
+def test_unknown_state_waits_for_an_observation():
+    plan = plan_steps(world(vlm_state="unknown"), RECORDING, Demand())
+    assert plan.steps[0].kind == LOAD_VLM and "unknown" in plan.steps[0].blocked
+
+
+def test_nothing_moves_before_the_first_vram_reading():
+    plan = plan_steps(world(gpu=None, free_bytes=None, vlm_state="loaded"), AUTOPILOT, Demand())
+    assert plan.next_step is None and plan.steps[0].blocked == "waiting for the first VRAM reading"
+
+
+def test_a_part_that_is_down_blocks_its_steps_with_the_reason():
+    plan = plan_steps(world(down={"vlm": "Ollama unreachable"}), RECORDING, Demand())
+    assert plan.steps[0].blocked == "vlm unavailable: Ollama unreachable"
+
+
+def test_a_failed_step_waits_for_its_retry():
+    plan = plan_steps(world(retry_wait={LOAD_VLM: "load_failed: boom; retry after 5 s"}), RECORDING, Demand())
+    assert plan.next_step is None and "retry after" in plan.steps[0].blocked
+
+
+# --- without a GPU ---------------------------------------------------------------------------------------------
+
+
+def test_without_a_gpu_clip_stays_on_the_cpu_and_the_vlm_loads_without_a_fit_check():
+    no_gpu = world(gpu=False, free_bytes=1 * GIB, clip_placement="cpu")
+    plan = plan_steps(no_gpu, AUTOPILOT, Demand(on_demand=1))
+    assert kinds(plan) == [LOAD_VLM] and plan.clip_goal == Goal("cpu", "no_gpu")
+
+
+def test_when_the_gpu_goes_away_clip_comes_back_to_the_cpu_without_a_confirm():
+    plan = plan_steps(world(gpu=False, clip_placement="gpu"), AUTOPILOT, Demand())
+    assert kinds(plan) == [MOVE_CLIP_CPU]
+
+
+# --- goals ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("demand", "policy", "goal"),
+    [
+        (Demand(on_demand=1, ensure_unloaded=1, idle_due=True), AUTOPILOT, Goal("loaded", "demand")),
+        (Demand(ensure_unloaded=1), RECORDING, Goal("unloaded", "ensure")),
+        (Demand(idle_due=True, grace=True), RECORDING, Goal("unloaded", "idle")),
+        (Demand(grace=True), AUTOPILOT, Goal("keep", "grace")),
+        (Demand(policy_suspended=True), RECORDING, Goal("keep", "idle")),
+        (Demand(leases_held=2), AUTOPILOT, Goal("unloaded", "mode")),  # older leases drain; they are not demand
+        (Demand(), IDLE, Goal("keep", "mode")),
+    ],
+)
+def test_vlm_goal_precedence(demand, policy, goal):
+    assert resolve_vlm(policy, demand) == goal
+
+
+def test_mode_policy_rejects_unknown_values_with_what_is_accepted():
+    with pytest.raises(MaiError) as err:
+        ModePolicy("sometimes", "gpu")
+    assert err.value.reason == Reason.INVALID_CONFIG and "loaded, unloaded, keep" in str(err.value)
