@@ -459,7 +459,6 @@ class ClipConfig:
     model: str = setting(Text())
     pretrained: str | None = setting(Optional(Text()))
     precision: str = setting(OneOf("fp32", "fp16", "bf16"))
-    initial_device: str = setting(OneOf("cpu", "gpu"))
     move_timeout_s: float = setting(_positive())
     footprint_mb: int | None = setting(Optional(Integer(1)))
     threads: int | None = setting(Optional(Integer(1)))

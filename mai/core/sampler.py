@@ -36,7 +36,7 @@ class SamplerCore:
         if self.last_published_used is None:
             self.last_published_used = snapshot.used_bytes
         elif abs(snapshot.used_bytes - self.last_published_used) >= self.threshold_bytes:
-            event = ResourceChanged(snapshot, snapshot.used_bytes - self.last_published_used)
+            event = ResourceChanged(snapshot, snapshot.used_bytes - self.last_published_used, at=now)
             self.last_published_used = snapshot.used_bytes
         return event, self._answer(snapshot, now)
 
