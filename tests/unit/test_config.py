@@ -235,7 +235,7 @@ BAD_VALUES = [
     ("ollama.vram_recovery_fraction", 1.5, "a number > 0 and <= 1"),
     ("lmstudio.instance_ttl_s", 0, "null or a number > 0"),
     ("clip.precision", "int8", "one of fp32, fp16, bf16"),
-    ("clip.threads", 0, ">= 1"),
+    ("clip.threads", 0, "null or an integer >= 1"),
     ("clip.footprint_mb", 0, "null or an integer >= 1"),
     ("clip.pretrained", "", "null or a non-empty string"),
     ("modes.autopilot.vlm", "on", "one of loaded, unloaded, keep"),
