@@ -221,15 +221,52 @@ def cmd_events(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     with connect(config=cfg) as client:
-        deadline = None if args.follow else time.monotonic() + args.duration
         try:
-            for event in client.subscribe():
+            for event in client.subscribe(duration_s=None if args.follow else args.duration):
                 print(json.dumps(_event_dict(event), default=str) if args.json else _event_text(event), flush=True)
-                if deadline is not None and time.monotonic() > deadline:
-                    break
         except KeyboardInterrupt:
             pass
     return 0
+
+
+# --- chat models ------------------------------------------------------------------------------------------------
+def cmd_models(args: argparse.Namespace) -> int:
+    from mai.conversation import Mai
+
+    with Mai(config=_load(args)) as m:
+        listing = m.list_models()
+    rows = [row.__dict__ for row in listing.rows]
+    if args.json:
+        _emit(args, {"current": listing.current, "pinned": listing.pinned, "models": rows}, "")
+        return 0
+    print(f"{'model':24s} {'backend':9s} {'tier':>4s} {'context':>8s} {'footprint':>10s}  state")
+    for row in listing.rows:
+        state = ", ".join(filter(None, [
+            "current" if row.current else "", "pinned" if row.pinned else "", "loaded" if row.loaded else "",
+            "" if row.available else "unavailable", row.why_not]))
+        footprint = _mib(row.footprint_bytes) + ("*" if row.footprint_learned else "")
+        print(f"{row.key:24s} {row.backend:9s} {row.tier:>4d} {row.context_window:>8d} {footprint:>10s}  {state or 'selectable'}")
+    print("(* measured footprint; others are declared in the catalog)")
+    return 0
+
+
+def cmd_switch(args: argparse.Namespace) -> int:
+    from mai.conversation import Mai
+
+    model = None if args.model == "auto" else args.model
+    with Mai(config=_load(args)) as m:
+        pinned = m.switch_model(model)
+    _emit(args, {"pinned": pinned.model, "current": pinned.current},
+          f"chat model pinned to {pinned.model} (used from the next reply; `mai switch auto` clears it)" if pinned.model
+          else "chat model choice is automatic again")
+    return 0
+
+
+# --- chat ---------------------------------------------------------------------------------------------------------
+def cmd_chat(args: argparse.Namespace) -> int:
+    from mai.chat_terminal import run_chat
+
+    return run_chat(_load(args))
 
 
 # --- parser -------------------------------------------------------------------------------------------------------
@@ -260,9 +297,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("mode", help="autopilot, recording, idle, or a mode added in your config")
     p.add_argument("--wait", action="store_true", help="return when the mode is reached, not when it is accepted")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait with --wait (default 120)")
+    add("models", cmd_models, "the chat model catalog: availability, loaded state, footprint, why a model is not selectable now")
+    p = add("switch", cmd_switch, "pin a chat model until cleared (`mai switch auto` clears the pin)")
+    p.add_argument("model", help="a model key from `mai models`, or auto")
     p = add("events", cmd_events, "print events: mode changes, VRAM changes, idle unloads, degraded parts")
     p.add_argument("--follow", action="store_true", help="keep printing until Ctrl-C")
     p.add_argument("--duration", type=float, default=10.0, help="without --follow: seconds to listen (default 10)")
+    add("chat", cmd_chat, "chat with Mai in this terminal; /help there lists the commands", json_flag=False)
     return parser
 
 

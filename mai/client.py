@@ -186,20 +186,24 @@ class MaiClient:
                 answers[child.role] = None
         return answers
 
-    def subscribe(self, ttl_s: float = 30.0) -> Iterator[Any]:
+    def subscribe(self, ttl_s: float = 30.0, *, duration_s: float | None = None) -> Iterator[Any]:
         """Yield events as they come (ModeChanged, ResourceChanged, IdleUnloaded, ...); renews the
-        subscription as it goes. Stop by breaking out of the loop."""
+        subscription as it goes. Stop by breaking out of the loop, or after `duration_s`."""
+        end = None if duration_s is None else time.monotonic() + duration_s
         with self._asys.private() as ctx:
             renew_at = 0.0
             request_id = ""
             try:
                 while True:
                     now = time.monotonic()
+                    if end is not None and now >= end:
+                        return
                     if now >= renew_at:
                         request_id = new_request_id()
                         ctx.tell(self._address("coordinator"), Subscribe(request_id, ttl_s))
                         renew_at = now + ttl_s / 3
-                    message = ctx.listen(max(0.05, renew_at - time.monotonic()))
+                    wait_until = renew_at if end is None else min(renew_at, end)
+                    message = ctx.listen(max(0.05, wait_until - time.monotonic()))
                     if message is None or hasattr(message, "request_id"):
                         continue  # a timeout, or the Subscribed acknowledgement
                     yield message

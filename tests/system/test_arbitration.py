@@ -199,3 +199,38 @@ def test_unreachable_ollama_degrades_and_requests_fail_fast_with_the_reason(worl
         ollama.restart()
     wait_for(lambda: not any(part == "vlm" for part, _ in client.get_status().degraded), timeout_s=30)
     assert client.ensure_vlm_loaded(timeout_s=60).loaded
+
+
+def test_events_cli_prints_mode_changes_as_json_lines(world):
+    import subprocess
+    import sys
+
+    from tests.system.harness import ROOT, test_env
+
+    system, client, ollama, ledger = world
+    client.set_mode("idle", wait=True, timeout_s=60)
+    proc = subprocess.Popen([sys.executable, "-m", "mai", "--config", str(system.config_path), "events", "--json", "--duration", "6"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=test_env(), cwd=ROOT)
+    time.sleep(2.0)  # let it subscribe
+    client.set_mode("recording", wait=True, timeout_s=60)
+    client.set_mode("autopilot", wait=True, timeout_s=60)
+    out, err = proc.communicate(timeout=30)
+    events = [json.loads(line) for line in out.splitlines() if line.strip()]
+    changes = [e for e in events if e["type"] == "ModeChanged"]
+    assert [c["mode"] for c in changes][-2:] == ["recording", "autopilot"], (out, err)
+    assert all(c["duration_s"] >= 0 and isinstance(c["steps"], list) for c in changes)
+
+
+def test_the_example_execution_loop_runs_against_mai(world):
+    import subprocess
+    import sys
+
+    from tests.system.harness import ROOT, test_env
+
+    system, client, ollama, ledger = world
+    env = test_env() | {"MAI_CONFIG": str(system.config_path)}
+    result = subprocess.run([sys.executable, "examples/execution_loop.py", "--steps", "1"], capture_output=True, text=True,
+                            timeout=120, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "VLM says: [qwen2.5vl:7b]" in result.stdout  # the double's reply: the lease reached Ollama directly
+    assert "CLIP on sim-gpu" in result.stdout and "final: mode autopilot" in result.stdout
