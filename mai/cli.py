@@ -151,8 +151,9 @@ def status_text(data: dict) -> str:
         lines.append(f"vlm        {vlm['model']}: {vlm['state']}{offload}, footprint {_mib(vlm['footprint_bytes'])}"
                      f"{' (measured)' if vlm['footprint_learned'] else ' (declared)'}, leases {vlm['leases']}")
         clip = gpu["clip"]
-        lines.append(f"clip       {clip['model']} on {clip['device']}, {_mib(clip['footprint_bytes'])}"
-                     + ("" if clip["ready"] else " (not ready)"))
+        model = clip["model"] or data["config"].get("clip", {}).get("model", "CLIP")
+        lines.append(f"clip       {model} on {clip['device']}, {_mib(clip['footprint_bytes'])}"
+                     + ("" if clip["ready"] else " (not ready: the model is still being created, see the log)"))
         lines.append(f"chat       {gpu.get('chat_model') or '-'}")
         if gpu.get("step_in_flight") or gpu.get("plan"):
             lines.append(f"plan       now: {gpu.get('step_in_flight') or '-'}; next: {', '.join(gpu['plan']) or '-'}")
