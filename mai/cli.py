@@ -236,18 +236,12 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     with Mai(config=_load(args)) as m:
         listing = m.list_models()
-    rows = [row.__dict__ for row in listing.rows]
     if args.json:
-        _emit(args, {"current": listing.current, "pinned": listing.pinned, "models": rows}, "")
-        return 0
-    print(f"{'model':24s} {'backend':9s} {'tier':>4s} {'context':>8s} {'footprint':>10s}  state")
-    for row in listing.rows:
-        state = ", ".join(filter(None, [
-            "current" if row.current else "", "pinned" if row.pinned else "", "loaded" if row.loaded else "",
-            "" if row.available else "unavailable", row.why_not]))
-        footprint = _mib(row.footprint_bytes) + ("*" if row.footprint_learned else "")
-        print(f"{row.key:24s} {row.backend:9s} {row.tier:>4d} {row.context_window:>8d} {footprint:>10s}  {state or 'selectable'}")
-    print("(* measured footprint; others are declared in the catalog)")
+        _emit(args, {"current": listing.current, "pinned": listing.pinned, "models": [r.__dict__ for r in listing.rows]}, "")
+    else:
+        from mai.core.repl_commands import models_table
+
+        print(models_table(listing.rows, listing.current, listing.pinned))
     return 0
 
 
