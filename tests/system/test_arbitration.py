@@ -214,7 +214,10 @@ def test_events_cli_prints_mode_changes_as_json_lines(world):
     time.sleep(2.0)  # let it subscribe
     client.set_mode("recording", wait=True, timeout_s=60)
     client.set_mode("autopilot", wait=True, timeout_s=60)
-    out, err = proc.communicate(timeout=30)
+    try:
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
     events = [json.loads(line) for line in out.splitlines() if line.strip()]
     changes = [e for e in events if e["type"] == "ModeChanged"]
     assert [c["mode"] for c in changes][-2:] == ["recording", "autopilot"], (out, err)
