@@ -33,9 +33,10 @@ from messages.system import Init
 
 # Messages the core decides on; each gets a one-line handler that hands it over.
 CORE_MESSAGES = (
-    "SetMode", "EnsureVlm", "AcquireLease", "ReleaseLease", "PlaceClip", "GetStatus",
+    "SetMode", "EnsureVlm", "AcquireLease", "ReleaseLease", "PlaceClip", "GetStatus", "GetGrantable", "ChatNeeds",
     "VlmObserved", "ClipObserved", "PartHealth", "ResourceChanged", "VramReading",
-    "VlmLoaded", "VlmUnloaded", "ClipMoved", "VramRecovered", "StepFailed", "ModelSwitched",
+    "VlmLoaded", "VlmUnloaded", "ClipMoved", "VramRecovered", "ChatLoaded", "ChatUnloaded", "StepFailed",
+    "ModelSwitched",
 )
 
 

@@ -24,6 +24,7 @@ CHILDREN: tuple[tuple[str, str], ...] = (
     ("sampler", "actors.vram_sampler.VramSampler"),
     ("vlm", "actors.vlm_loader.VlmLoader"),
     ("clip", "actors.clip_mover.ClipMover"),
+    ("chat", "actors.conversation_agent.ConversationAgent"),
     ("coordinator", "actors.mode_coordinator.ModeCoordinator"),
 )
 

@@ -13,6 +13,7 @@ _LAZY = {
     "connect": ("mai.client", "connect"),
     "MaiClient": ("mai.client", "MaiClient"),
     "Lease": ("mai.client", "Lease"),
+    "Mai": ("mai.conversation", "Mai"),
 }
 
 

@@ -3,13 +3,18 @@
 The coordinator core (`mai.core.coordinator.Coordinator`) is pure: messages in, effects out. `SimWorld` plays
 everything else, the way the actors and the outside world would, but in virtual time and in memory:
 
-- `VramLedger`: the GPU's memory by owner ("vlm", "clip", "external"). Every allocation is kept as an interval
+- `VramLedger`: the GPU's memory by owner ("vlm", "clip", "chat", "external"). Every allocation is kept as an interval
   (begin, end, bytes, what was in use just before), so invariants are checked on the record afterwards: capacity
   minus reserve never exceeded, VRAM really went down after an unload, and so on.
 - `SimVlm` (Ollama behind the VLM loader), `SimClip` (the CLIP mover), and a sampler: they answer LoadVlm /
   UnloadVlm / MoveClip / WaitVramFree after configurable durations (`Timings`), may fail on request (Ollama
   unreachable, the next N loads fail, the GPU disappears), and change the ledger the way the real thing does —
   a VLM's bytes come back `vlm_release_lag_s` after its unload returns, as Ollama's runner exits after replying.
+- `SimChat`: the conversation agent's side of the chat gate (`actors/conversation_agent.py`): a turn asks what the
+  gate can grant (GetGrantable), chooses the best model of its catalog that fits, asks for it (ChatNeeds), and on
+  the ChatGrant unloads its model and loads the new one (claiming its bytes as the load starts), answering
+  ChatLoaded; a refusal makes it choose a smaller model with the bytes the refusal names. A ChatYield unloads its
+  model (after the reply in progress, if one is streaming) and answers ChatUnloaded("yield", model).
 - The sampler is the VramSampler actor's own pure core (`mai.core.sampler.SamplerCore`) reading the ledger: it
   samples `sample_interval_s` after every change (and while a WaitVramFree is pending), delivers `ResourceChanged`
   when use moved by at least `change_threshold_bytes`, and answers waits by Ollama's recovery rule.
@@ -27,7 +32,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from mai.core.coordinator import (
     Coordinator,
@@ -41,8 +46,17 @@ from mai.core.coordinator import (
     WakeAt,
 )
 from mai.core.sampler import SamplerCore
+from messages.conversation import (
+    ChatGrant,
+    ChatLoaded,
+    ChatNeeds,
+    ChatUnloaded,
+    ChatYield,
+    GetGrantable,
+    Grantable,
+)
 from messages.errors import Reason
-from messages.events import ResourceChanged
+from messages.events import ModelSwitched, ResourceChanged
 from messages.failure import Failure
 from messages.resources import VramSnapshot
 from messages.steps import (
@@ -69,7 +83,7 @@ GIB = 2**30
 
 @dataclass
 class Allocation:
-    owner: str  # "vlm" | "clip" | "external"
+    owner: str  # "vlm" | "clip" | "chat" | "external"
     nbytes: int
     begin: float
     end: float | None = None  # None while held
@@ -129,6 +143,8 @@ class Timings:
     vlm_unload_s: float = 0.4
     vlm_release_lag_s: float = 0.3  # VRAM comes back this long after the unload call returned
     clip_move_s: float = 0.05
+    chat_load_s: float = 2.0
+    chat_unload_s: float = 0.2
     ack_s: float = 0.005  # an idempotent no-op step (already loaded, already there)
     fail_s: float = 0.05  # a step that fails at once (Ollama unreachable)
     sample_interval_s: float = 0.25  # sampler: reading after a change, and WaitVramFree polls
@@ -159,6 +175,54 @@ class SimClip:
     placement: str = "cpu"  # cpu | gpu
     alloc: Allocation | None = None
     history: list[tuple[float, str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ChatModelSpec:
+    key: str
+    footprint_bytes: int  # what the agent asks the gate for (declared, or learned)
+    true_bytes: int  # what a load really takes on the GPU (at most the footprint: estimates are conservative)
+
+
+DEFAULT_CHAT_MODELS = (
+    ChatModelSpec("qwen3:8b", 5632 * MIB, 5400 * MIB),
+    ChatModelSpec("qwen3:4b", 3072 * MIB, 2900 * MIB),
+    ChatModelSpec("qwen3:1.7b", 1280 * MIB, 1200 * MIB),
+)
+
+
+@dataclass
+class ChatTurn:
+    """One user turn as the agent's state machine sees it (choose → grant → stream)."""
+
+    turn_id: str
+    want: int  # the best tier (catalog index) this turn may use
+    reply_s: float  # how long the reply streams once a model is there
+    deadline: float
+    phase: str = "choose"  # choose | grant | stream
+    request_id: str = ""  # the GetGrantable or ChatNeeds being answered
+    model: ChatModelSpec | None = None
+    refused: set[str] = field(default_factory=set)
+
+
+@dataclass
+class SimChat:
+    """The conversation agent's model and the turn in progress; `outcomes` records how each turn ended."""
+
+    models: tuple[ChatModelSpec, ...]
+    current: ChatModelSpec | None = None
+    alloc: Allocation | None = None
+    turn: ChatTurn | None = None
+    streaming_until: float = float("-inf")
+    deferred_yield: Any = None  # the StepRecord of a yield that waits for the reply in progress
+    unloading: Any = None  # the StepRecord of an asked-for unload (ChatNeeds unload=True)
+    fail_loads: int = 0
+    asked: dict[str, float] = field(default_factory=dict)  # request id -> when; removed when answered
+    outcomes: list[tuple[float, str, str]] = field(default_factory=list)  # (time, turn id, how it ended)
+
+    @property
+    def held_bytes(self) -> int:
+        return self.alloc.nbytes if self.alloc is not None and self.alloc.end is None else 0
 
 
 @dataclass
@@ -214,6 +278,7 @@ class SimWorld:
         change_threshold_bytes: int = 100 * MIB,
         observe_at_start: bool = True,
         observers: Iterable[Observer] = (),
+        chat_models: Sequence[ChatModelSpec] = DEFAULT_CHAT_MODELS,
     ) -> None:
         self.settings = settings
         self.now = start_at
@@ -228,6 +293,7 @@ class SimWorld:
         self.vlm.set_state("unloaded", start_at)
         if vlm_loaded:
             self._vlm_up(start_at)
+        self.chat = SimChat(tuple(chat_models))
         self.clip = SimClip("ViT-B-32", clip_true_bytes or settings.clip_declared_bytes)
         self.clip.history.append((start_at, "cpu"))
         if clip_device == "gpu" and gpu_present and self.ledger.free_bytes >= self.clip.true_bytes:
@@ -244,6 +310,7 @@ class SimWorld:
         self.ticks = 0
         self._queue: list[tuple[float, int, Callable[[], None]]] = []
         self._seq = itertools.count()
+        self._chat_ids = itertools.count(1)
         self._ticks_at: set[float] = set()
         self._open_steps: dict[str, StepRecord] = {}
         self.sampler = SamplerCore(threshold_bytes=change_threshold_bytes)
@@ -328,6 +395,174 @@ class SimWorld:
     def fail_next_loads(self, count: int = 1) -> None:
         self.vlm.fail_loads += count
 
+    # --- the conversation agent ---------------------------------------------------------------------------------------
+
+    def chat_turn(self, want: int = 0, reply_s: float = 1.0, timeout_s: float = 60.0) -> bool:
+        """A user message: the agent makes sure it has a model of tier `want` or below, then replies for `reply_s`.
+        False when a turn is already in progress (the agent answers Busy)."""
+        chat = self.chat
+        if chat.turn is not None or chat.unloading is not None:
+            return False
+        turn = ChatTurn(f"turn-{next(self._chat_ids)}", want, reply_s, self.now + timeout_s)
+        chat.turn = turn
+        if chat.current is not None and chat.current.key == chat.models[want].key:
+            self._chat_stream()
+        else:
+            turn.request_id = f"grantable-{next(self._chat_ids)}"
+            self._chat_ask(GetGrantable(turn.request_id))
+        self.run_until(self.now)
+        return True
+
+    def chat_unload(self) -> bool:
+        """The agent gives its model back on its own (ChatNeeds unload=True). False when there is nothing to unload
+        or a turn is in progress."""
+        chat = self.chat
+        if chat.current is None or chat.turn is not None or chat.unloading is not None:
+            return False
+        request_id = f"unload-{next(self._chat_ids)}"
+        chat.unloading = request_id
+        self._chat_ask(ChatNeeds(request_id, chat.current.key, 0, unload=True, timeout_s=60.0))
+        self.run_until(self.now)
+        return True
+
+    def fail_next_chat_loads(self, count: int = 1) -> None:
+        self.chat.fail_loads += count
+
+    def _chat_ask(self, message: Any) -> None:
+        self.chat.asked[message.request_id] = self.now
+        self.at(self.now, lambda: self.deliver(message, "chat"))
+
+    def _chat_receive(self, message: Any) -> None:
+        """A reply from the coordinator reaches the agent (after the effects of the same instant)."""
+        chat, turn = self.chat, self.chat.turn
+        request_id = getattr(message, "request_id", None)
+        chat.asked.pop(request_id, None)
+        if isinstance(message, ChatGrant):
+            self._chat_granted(message)
+        elif isinstance(message, Grantable) and turn is not None and request_id == turn.request_id:
+            self._chat_choose(message.grantable_bytes)
+        elif isinstance(message, Failure) and request_id == chat.unloading:
+            chat.unloading = None
+        elif isinstance(message, Failure) and turn is not None and request_id == turn.request_id:
+            free = dict(message.details).get("free_bytes", "")
+            if message.reason == Reason.INSUFFICIENT_VRAM and len(turn.refused) < len(chat.models):
+                turn.refused.add(turn.model.key)
+                self._chat_choose(int(free) if free.isdigit() else 0)
+            else:
+                self._chat_end(f"failed: {message.reason.value}")
+
+    def _chat_choose(self, grantable: int | None) -> None:
+        chat, turn = self.chat, self.chat.turn
+        fitting = [m for m in chat.models[turn.want:] if m.key not in turn.refused
+                   and (grantable is None or m.footprint_bytes <= grantable)]
+        if not fitting:
+            self._chat_end("no model fits")
+            return
+        choice = fitting[0]
+        if chat.current is not None and choice.key == chat.current.key:
+            self._chat_stream()
+            return
+        turn.phase, turn.model = "grant", choice
+        turn.request_id = f"needs-{next(self._chat_ids)}"
+        self._chat_ask(ChatNeeds(turn.request_id, choice.key, choice.footprint_bytes,
+                                 timeout_s=max(1.0, turn.deadline - self.now)))
+
+    def _chat_granted(self, grant: ChatGrant) -> None:
+        """Unload the model held (its bytes come back at once), claim the new one's as the load starts."""
+        chat, turn, t = self.chat, self.chat.turn, self.timings
+        record = self._open_chat_step(grant.step_id, grant)
+        step_id = grant.step_id
+        if grant.request_id == chat.unloading:
+            chat.unloading = None
+            self._chat_release_after(t.chat_unload_s, record, lambda model: ChatUnloaded(step_id, model))
+            return
+        if turn is None or turn.phase != "grant" or grant.request_id != turn.request_id:
+            self._fail_after(t.fail_s, record, Reason.CANCELLED, "the turn that asked for this grant is over")
+            return
+        previous, candidate = chat.current, turn.model
+        if chat.alloc is not None:
+            self.ledger.release(chat.alloc, self.now)
+            chat.alloc = None
+            self._vram_changed()
+        chat.current = None
+        if chat.fail_loads > 0:
+            chat.fail_loads -= 1
+            self._fail_after(t.chat_load_s / 2, record, Reason.LOAD_FAILED, "chat model failed to load (simulated)")
+            self.at(self.now + t.chat_load_s / 2, lambda: self._chat_end("load failed", turn.turn_id))
+            return
+        vram = 0
+        if self.gpu_usable:
+            if self.ledger.free_bytes < candidate.true_bytes:
+                self._fail_after(t.fail_s, record, Reason.OUT_OF_MEMORY, "CUDA out of memory (simulated chat load)")
+                self.at(self.now + t.fail_s, lambda: self._chat_end("out of memory", turn.turn_id))
+                return
+            chat.alloc = self.ledger.allocate("chat", candidate.true_bytes, self.now)
+            vram = candidate.true_bytes
+            self._vram_changed()
+        load_s = (t.chat_unload_s if previous else 0.0) + t.chat_load_s
+
+        def loaded() -> Any:
+            chat.current = candidate
+            return ChatLoaded(step_id, candidate.key, vram, load_s)
+
+        def switched() -> None:
+            reason = "chosen for the resources available" if previous is None else f"switched from {previous.key}"
+            self.deliver(ModelSwitched(previous.key if previous else None, candidate.key, reason, at=self.now), "chat")
+            self._chat_stream()
+
+        self._finish_after(load_s, record, loaded)
+        self.at(self.now + load_s, switched)
+
+    def _chat_stream(self) -> None:
+        chat, turn = self.chat, self.chat.turn
+        if turn is None:
+            return
+        turn.phase = "stream"
+        chat.streaming_until = self.now + turn.reply_s
+        self.at(chat.streaming_until, lambda: self._chat_end("replied", turn.turn_id))
+
+    def _chat_end(self, how: str, turn_id: str | None = None) -> None:
+        chat = self.chat
+        if chat.turn is None or (turn_id is not None and chat.turn.turn_id != turn_id):
+            return
+        chat.outcomes.append((self.now, chat.turn.turn_id, how))
+        chat.turn = None
+        chat.streaming_until = min(chat.streaming_until, self.now)
+        if chat.deferred_yield is not None:
+            record, chat.deferred_yield = chat.deferred_yield, None
+            self._chat_yield(record)
+
+    def _chat_yield(self, record: StepRecord) -> None:
+        """A ChatYield: unload now, or once the reply in progress is done. Like the real agent, nothing is answered
+        when no model is held (the coordinator asks only for bytes it saw loaded)."""
+        chat = self.chat
+        if chat.current is None:
+            return
+        if chat.turn is not None and chat.turn.phase == "stream":
+            chat.deferred_yield = record
+            return
+        self._chat_release_after(self.timings.chat_unload_s, record, lambda model: ChatUnloaded("yield", model))
+
+    def _chat_release_after(self, delay: float, record: StepRecord, make: Callable[[str], Any]) -> None:
+        chat = self.chat
+
+        def unloaded() -> Any:
+            model = chat.current.key if chat.current else "none"
+            if chat.alloc is not None:
+                self.ledger.release(chat.alloc, self.now)
+                chat.alloc = None
+                self._vram_changed()
+            chat.current = None
+            return make(model)
+
+        self._finish_after(delay, record, unloaded)
+
+    def _open_chat_step(self, step_id: str, message: Any) -> StepRecord:
+        record = StepRecord(step_id, "chat", message, self.now)
+        self.steps.append(record)
+        self._open_steps[record.step_id] = record
+        return record
+
     # --- records ------------------------------------------------------------------------------------------------------
 
     def reply(self, request_id: str) -> Any:
@@ -360,13 +595,18 @@ class SimWorld:
     # --- effects ---------------------------------------------------------------------------------------------------------
 
     def _execute(self, effect: Any) -> None:
-        if isinstance(effect, SendStep):
+        if isinstance(effect, SendStep) and isinstance(effect.message, ChatYield):
+            record = self._open_chat_step("yield", effect.message)
+            self.at(self.now, lambda: self._chat_yield(record))
+        elif isinstance(effect, SendStep):
             record = StepRecord(effect.message.step_id, effect.target, effect.message, self.now)
             self.steps.append(record)
             self._open_steps[record.step_id] = record
             self._begin(record)
         elif isinstance(effect, Reply):
             self.replies.append(ReplyRecord(self.now, effect.to, effect.message))
+            if effect.to == "chat":
+                self.at(self.now, lambda message=effect.message: self._chat_receive(message))
         elif isinstance(effect, Publish):
             self.events.append((self.now, effect.event))
         elif isinstance(effect, WakeAt):

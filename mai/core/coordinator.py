@@ -7,14 +7,18 @@ never does I/O and never reads the clock, so tests and the trace simulator drive
 
 Every call ends in `_settle`, a level-triggered reconcile: expire leases and waiters, answer what is satisfied,
 recompute the plan (`mai.core.plan`) from scratch, send its first step if nothing is in flight (one at a time,
-invariant 5), declare the mode reached when nothing is left, and ask to be woken at the next deadline.
+invariant 5), then — only when the mode has nothing left to send — grant the conversation agent's chat model load
+or unload (`mai.core.chat_gate`), declare the mode reached when nothing is left, and ask to be woken at the next
+deadline. A chat step is a step like the others: one in flight at a time, bounded by the step timeout, and the
+mode's own steps go first; when a step of the mode needs the bytes the chat model holds, the plan asks it to yield.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, Union
 
+from mai.core.chat_gate import CHAT_LOAD, CHAT_UNLOAD, chat_refusal, grantable_bytes
 from mai.core.plan import (
     ALLOCATING_KINDS,
     CONFIRM_FREE,
@@ -23,6 +27,7 @@ from mai.core.plan import (
     MOVE_CLIP_GPU,
     READ_VRAM,
     UNLOAD_VLM,
+    YIELD_CHAT,
     Demand,
     ModePolicy,
     Plan,
@@ -30,6 +35,15 @@ from mai.core.plan import (
     Refusal,
     World,
     plan_steps,
+)
+from messages.conversation import (
+    ChatGrant,
+    ChatLoaded,
+    ChatNeeds,
+    ChatUnloaded,
+    ChatYield,
+    GetGrantable,
+    Grantable,
 )
 from messages.errors import InsufficientVram, MaiError, Reason
 from messages.events import (
@@ -104,6 +118,7 @@ class CoordinatorSettings:
     recovery_fraction: float = 0.75
     load_retry_backoff_s: float = 5.0  # after a failed step, don't re-plan it before this (unless new demand)
     step_timeout_s: float = 600.0  # a step whose result never comes (its actor died) is given up after this
+    chat_yield_timeout_s: float = 30.0  # the chat agent may finish the reply in progress before it yields
 
     def __post_init__(self) -> None:
         problems = []
@@ -114,7 +129,8 @@ class CoordinatorSettings:
         for name in ("vlm_declared_bytes", "clip_declared_bytes", "reserve_bytes", "num_ctx"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 problems.append(f"{name}: got {getattr(self, name)!r}; accepted: an integer >= 0")
-        for name in ("idle_timeout_s", "default_lease_ttl_s", "recovery_timeout_s", "step_timeout_s"):
+        for name in ("idle_timeout_s", "default_lease_ttl_s", "recovery_timeout_s", "step_timeout_s",
+                     "chat_yield_timeout_s"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name}: got {getattr(self, name)!r}; accepted: a number > 0")
         if not 0 < self.recovery_fraction <= 1:
@@ -165,8 +181,8 @@ class CoordinatorSettings:
 
 @dataclass(frozen=True)
 class SendStep:
-    target: str  # "vlm" | "clip" | "sampler"
-    message: object  # LoadVlm | UnloadVlm | MoveClip | WaitVramFree
+    target: str  # "vlm" | "clip" | "sampler" | "chat"
+    message: object  # LoadVlm | UnloadVlm | MoveClip | WaitVramFree | ChatYield
 
 
 @dataclass(frozen=True)
@@ -205,10 +221,12 @@ class Tick:
 Effect = Union[SendStep, Reply, Publish, WakeAt, Log, PersistFootprint]
 
 STEP_TARGETS = {LOAD_VLM: "vlm", UNLOAD_VLM: "vlm", MOVE_CLIP_CPU: "clip", MOVE_CLIP_GPU: "clip",
-                CONFIRM_FREE: "sampler", READ_VRAM: "sampler"}
+                CONFIRM_FREE: "sampler", READ_VRAM: "sampler", YIELD_CHAT: "chat", CHAT_LOAD: "chat",
+                CHAT_UNLOAD: "chat"}
 ACCEPTED = (
-    "SetMode, EnsureVlm, AcquireLease, ReleaseLease, PlaceClip, GetStatus, VlmObserved, ClipObserved, PartHealth, "
-    "ResourceChanged, VramReading, VlmLoaded, VlmUnloaded, ClipMoved, VramRecovered, StepFailed, ModelSwitched, Tick"
+    "SetMode, EnsureVlm, AcquireLease, ReleaseLease, PlaceClip, GetStatus, GetGrantable, ChatNeeds, VlmObserved, "
+    "ClipObserved, PartHealth, ResourceChanged, VramReading, VlmLoaded, VlmUnloaded, ClipMoved, VramRecovered, "
+    "ChatLoaded, ChatUnloaded, StepFailed, ModelSwitched, Tick"
 )
 
 
@@ -225,8 +243,8 @@ class _Lease:
 
 @dataclass
 class _Waiter:
-    kind: str  # "mode" | "ensure" | "place" | "lease"
-    request: Any  # SetMode | EnsureVlm | PlaceClip | AcquireLease
+    kind: str  # "mode" | "ensure" | "place" | "lease" | "chat" | "grantable"
+    request: Any  # SetMode | EnsureVlm | PlaceClip | AcquireLease | ChatNeeds | GetGrantable
     sender: object
     since: float
     deadline: float
@@ -245,11 +263,13 @@ class _Unconfirmed:
 @dataclass
 class _InFlight:
     step: PlannedStep
-    message: Any
+    step_id: str
+    message: Any  # what was sent: a step message, a ChatGrant (the reply that lets the agent go) or a ChatYield
     sent_at: float
     deadline: float
     prev_unconfirmed: _Unconfirmed | None
     prev_state: str  # the VLM state or CLIP placement before the step
+    chat_model: str | None = None  # a chat load: the model the agent loads
 
 
 class Coordinator:
@@ -295,6 +315,7 @@ class Coordinator:
         self._last_demand_end_at: float | None = None  # grace reference: last on-demand lease/ensure ended
         self._idle: str | None = None  # None | "due" (unload now) | "suspended" (a "loaded" policy waits for demand)
         self._chat_model: str | None = None
+        self._chat_bytes = 0  # VRAM the chat model holds, per its ChatLoaded (0: none, or not known)
         self._refused: frozenset[tuple[str, int, int]] = frozenset()
         self._notes: frozenset[str] = frozenset()  # plan notes already logged (a decision is logged once)
         self._fresh_snapshot = False
@@ -308,6 +329,8 @@ class Coordinator:
             VlmLoaded: self._on_vlm_loaded, VlmUnloaded: self._on_vlm_unloaded, ClipMoved: self._on_clip_moved,
             VramRecovered: self._on_vram_recovered, StepFailed: self._on_step_failed,
             ModelSwitched: self._on_model_switched, Tick: self._on_tick,
+            GetGrantable: self._on_get_grantable, ChatNeeds: self._on_chat_needs, ChatLoaded: self._on_chat_loaded,
+            ChatUnloaded: self._on_chat_unloaded,
         }
 
     # --- public surface ----------------------------------------------------------------------------------------
@@ -322,7 +345,7 @@ class Coordinator:
 
     @property
     def step_in_flight(self) -> object | None:
-        """The step message (LoadVlm, UnloadVlm, MoveClip, WaitVramFree) awaiting its result, if any."""
+        """The step message (LoadVlm, UnloadVlm, MoveClip, WaitVramFree, ChatGrant, ChatYield) awaiting its result."""
         return self._inflight.message if self._inflight else None
 
     def handle(self, message: object, sender: object, now: float) -> list[Effect]:
@@ -427,6 +450,18 @@ class Coordinator:
     def _on_get_status(self, msg: GetStatus, sender: object, now: float, fx: list[Effect]) -> Callable[[], None]:
         return lambda: fx.append(Reply(sender, self.status(msg.request_id, now)))
 
+    def _on_get_grantable(self, msg: GetGrantable, sender: object, now: float, fx: list[Effect]) -> None:
+        # Answered in _settle on a reading that shows every allocation Mai made (the plan reads again if needed);
+        # at most recovery_timeout_s later, with the conservative estimate (0 without any reading).
+        self._waiters.append(_Waiter("grantable", msg, sender, now, now + self.settings.recovery_timeout_s))
+
+    def _on_chat_needs(self, msg: ChatNeeds, sender: object, now: float, fx: list[Effect]) -> None:
+        for w in [w for w in self._waiters if w.kind == "chat" and w.sender == sender]:
+            self._fail(w, Reason.SUPERSEDED, f"superseded by a request for chat model {msg.model!r}", fx)
+        fx.append(Log("chat.needs", {"model": msg.model, "needed_bytes": msg.needed_bytes, "unload": msg.unload,
+                                     "request_id": msg.request_id}))
+        self._waiters.append(_Waiter("chat", msg, sender, now, now + msg.timeout_s))
+
     # --- observations --------------------------------------------------------------------------------------------
 
     def _on_vlm_observed(self, msg: VlmObserved, sender: object, now: float, fx: list[Effect]) -> None:
@@ -471,6 +506,8 @@ class Coordinator:
         self._set_health("gpu", msg.degraded_reason, now, fx)
 
     def _on_model_switched(self, msg: ModelSwitched, sender: object, now: float, fx: list[Effect]) -> None:
+        if msg.model != self._chat_model:
+            self._chat_bytes = 0  # a model we granted no load for (adopted after a restart): its bytes are unknown
         self._chat_model = msg.model
         fx.append(Publish(msg))
 
@@ -480,7 +517,7 @@ class Coordinator:
     # --- step results ---------------------------------------------------------------------------------------------
 
     def _take_inflight(self, step_id: str, result: object, fx: list[Effect]) -> _InFlight | None:
-        if self._inflight is None or self._inflight.message.step_id != step_id:
+        if self._inflight is None or self._inflight.step_id != step_id:
             fx.append(Log("step.stale_result", {"step_id": step_id, "result": type(result).__name__}))
             return None
         inflight, self._inflight = self._inflight, None
@@ -540,6 +577,37 @@ class Coordinator:
         fx.append(Log("clip.moved", {"device": msg.device, "move_s": msg.move_s, "reason": reason}))
         fx.append(Publish(PlacementChanged("clip", self._clip_placement, reason, at=now)))
 
+    def _on_chat_loaded(self, msg: ChatLoaded, sender: object, now: float, fx: list[Effect]) -> None:
+        """The agent unloaded its previous model (within the same step) and loaded this one. A late result is
+        still the truth about what the agent holds."""
+        inflight = self._take_inflight(msg.step_id, msg, fx)
+        self._chat_model, self._chat_bytes = msg.model, msg.vram_bytes
+        if self._gpu() and msg.vram_bytes > 0:
+            self._allocs.append((inflight.sent_at if inflight else now, now, msg.vram_bytes))
+        fx.append(Log("chat.loaded", {"model": msg.model, "vram_bytes": msg.vram_bytes, "load_s": msg.load_s,
+                                      "step_id": msg.step_id, "late": inflight is None}))
+
+    def _on_chat_unloaded(self, msg: ChatUnloaded, sender: object, now: float, fx: list[Effect]) -> None:
+        """The end of a granted unload, or of a yield (answered with step_id "yield", so any id ends one)."""
+        inflight = self._inflight
+        ends_step = inflight is not None and inflight.step.kind in (CHAT_UNLOAD, YIELD_CHAT) and (
+            inflight.step_id == msg.step_id or inflight.step.kind == YIELD_CHAT)
+        if ends_step:
+            self._inflight = None
+            if self._unconfirmed is not None and self._unconfirmed.completed_at is None:
+                self._unconfirmed.completed_at = now
+            if inflight.step.kind == YIELD_CHAT:
+                self._step_done(inflight, now, fx)
+            reason = inflight.step.cause
+        elif msg.model == self._chat_model:
+            reason = "agent"  # outside a step: the freed bytes count once a reading shows them
+        else:
+            fx.append(Log("step.stale_result", {"step_id": msg.step_id, "result": "ChatUnloaded", "model": msg.model}))
+            return
+        fx.append(Log("chat.unloaded", {"model": msg.model, "freed_bytes": self._chat_bytes, "step_id": msg.step_id,
+                                        "reason": reason}))
+        self._chat_model, self._chat_bytes = None, 0
+
     def _on_vram_recovered(self, msg: VramRecovered, sender: object, now: float, fx: list[Effect]) -> None:
         inflight = self._take_inflight(msg.step_id, msg, fx)
         self._apply_snapshot(msg.snapshot)
@@ -565,9 +633,15 @@ class Coordinator:
         if kind in (CONFIRM_FREE, READ_VRAM):
             self._unconfirmed = None  # the sampler cannot read: go on with the last reading (freed bytes not counted)
             return
+        if kind in (CHAT_LOAD, CHAT_UNLOAD):
+            if kind == CHAT_LOAD and failure.reason != Reason.CANCELLED:
+                # The agent unloads its previous model before it loads: after a failed load it holds none (that we
+                # know of; a reading shows whatever is left).
+                self._chat_model, self._chat_bytes = None, 0
+            return  # the agent chooses what to do next; nobody else waits on a chat step
         if kind in (LOAD_VLM, UNLOAD_VLM):
             self._vlm_state = inflight.prev_state
-        else:
+        elif kind in (MOVE_CLIP_CPU, MOVE_CLIP_GPU):
             self._clip_placement = inflight.prev_state
         backoff = self.settings.load_retry_backoff_s
         self._retry_after[kind] = (now + backoff, f"{failure.reason.value}: {failure.message}; retry after {backoff:g} s")
@@ -580,6 +654,9 @@ class Coordinator:
                 or (kind == MOVE_CLIP_GPU and w.kind == "place" and w.request.device == "gpu")
                 or (kind == MOVE_CLIP_CPU and w.kind == "place" and w.request.device == "cpu")
                 or (kind == MOVE_CLIP_CPU and cause == "yield" and (w.kind == "lease" or (w.kind == "ensure" and w.request.loaded)))
+                or (kind == YIELD_CHAT and cause == "demand" and (
+                    w.kind == "lease" or (w.kind == "ensure" and w.request.loaded)))
+                or (kind == YIELD_CHAT and cause == "pin" and w.kind == "place" and w.request.device == "gpu")
             )
             if depends:
                 self._fail(w, failure.reason, f"{inflight.step.description} failed: {failure.message}", fx,
@@ -615,6 +692,7 @@ class Coordinator:
                 self._send(step, now, fx)
                 plan = self._plan(now)
             break
+        plan = self._serve_chat(plan, now, fx)
         if self._inflight is None:
             # Refusals that persist (the mode's own steps) are published once, not on every re-plan.
             self._refused = frozenset(r.key for r in plan.refusals)
@@ -622,14 +700,29 @@ class Coordinator:
         if self._vram_short is not None and self._fresh_snapshot and not refused_now and not plan.refusals:
             self._set_vram_short(None, now, fx)
         self._fresh_snapshot = False
-        if self._inflight is None and plan.done:
+        if (self._inflight is None or self._inflight.step.kind in (CHAT_LOAD, CHAT_UNLOAD)) and plan.done:
             self._reach_target(now, fx)
         wake = self._next_deadline(now)
         if wake is not None:
             fx.append(WakeAt(wake))
 
     def _plan(self, now: float) -> Plan:
-        return plan_steps(self._world(now), self.settings.modes[self._target], self._demand(now))
+        world, policy, demand = self._world(now), self.settings.modes[self._target], self._demand(now)
+        plan = plan_steps(world, policy, demand)
+        if self._chat_needs_reading(world, plan):
+            plan = plan_steps(world, policy, replace(demand, chat_needs_reading=True))
+        return plan
+
+    def _chat_needs_reading(self, world: World, plan: Plan) -> bool:
+        """The chat agent is answered on a reading, never on a guess: a GetGrantable, or a chat load that does not
+        fit the conservative estimate, waits for a fresh one when allocations may be counted twice."""
+        if not world.gpu or not world.uncertain_bytes:
+            return False
+        if any(w.kind == "grantable" for w in self._waiters):
+            return True
+        grantable = grantable_bytes(world, plan)
+        return any(w.kind == "chat" and not w.request.unload and w.request.needed_bytes > grantable
+                   for w in self._waiters)
 
     def _world(self, now: float) -> World:
         """The world as it will be once the step in flight succeeds (the plan is for what comes after it)."""
@@ -638,10 +731,15 @@ class Coordinator:
         unconfirmed_vlm = bool(self._unconfirmed and self._unconfirmed.includes_vlm)
         inflight = self._inflight
         clip = self._clip_placement
+        chat_model, chat_bytes = self._chat_model, self._chat_bytes
         if inflight is not None:
             if inflight.step.kind in (MOVE_CLIP_CPU, MOVE_CLIP_GPU):
                 clip = "cpu" if inflight.step.kind == MOVE_CLIP_CPU else "gpu"
-            if free is not None and inflight.step.kind in ALLOCATING_KINDS:
+            elif inflight.step.kind in (YIELD_CHAT, CHAT_UNLOAD):
+                chat_model, chat_bytes = None, 0
+            elif inflight.step.kind == CHAT_LOAD:
+                chat_model, chat_bytes = inflight.chat_model, inflight.step.nbytes
+            if free is not None and inflight.step.kind in ALLOCATING_KINDS + (CHAT_LOAD,):
                 free -= inflight.step.nbytes
             elif free is not None and inflight.step.kind in (CONFIRM_FREE, READ_VRAM):
                 free, unconfirmed, unconfirmed_vlm = free + unconfirmed, 0, False
@@ -659,6 +757,8 @@ class Coordinator:
             unconfirmed_vlm=unconfirmed_vlm,
             down={p: r for p, r in self._health.items() if p in ("vlm", "clip")},
             retry_wait={k: why for k, (until, why) in self._retry_after.items() if now < until},
+            chat_model=chat_model,
+            chat_bytes=chat_bytes,
         )
 
     def _demand(self, now: float) -> Demand:
@@ -672,6 +772,7 @@ class Coordinator:
             policy_suspended=self._idle == "suspended",
             grace=self._grace_until(now) is not None,
             clip_pin=self._pin,
+            chat_load_waiting=any(w.kind == "chat" and not w.request.unload for w in self._waiters),
         )
 
     def _send(self, step: PlannedStep, now: float, fx: list[Effect]) -> None:
@@ -679,8 +780,16 @@ class Coordinator:
         step_id = f"{self._epoch}-{self._step_seq}"
         prev_unconfirmed = None if self._unconfirmed is None else _Unconfirmed(**vars(self._unconfirmed))
         prev_state = self._vlm_state if step.kind in (LOAD_VLM, UNLOAD_VLM) else self._clip_placement
-        if step.kind == LOAD_VLM:
-            message: Any = LoadVlm(step_id, self.settings.vlm_model)
+        timeout = self.settings.step_timeout_s
+        if step.kind == YIELD_CHAT:
+            why = {"mode": f"mode {self._target}", "demand": "the VLM is wanted on demand",
+                   "pin": "CLIP was placed by hand"}.get(step.cause, step.cause)
+            message: Any = ChatYield(step.short_bytes, f"{step.description} ({why})")
+            prev_state, timeout = self._chat_model or "", self.settings.chat_yield_timeout_s
+            if step.nbytes:
+                self._add_unconfirmed(step.nbytes, False)
+        elif step.kind == LOAD_VLM:
+            message = LoadVlm(step_id, self.settings.vlm_model)
             self._vlm_state = "loading"
         elif step.kind == UNLOAD_VLM:
             message = UnloadVlm(step_id, self.settings.vlm_model)
@@ -698,10 +807,9 @@ class Coordinator:
             expected = self._unconfirmed.expected_bytes if (self._unconfirmed and step.kind == CONFIRM_FREE) else 0
             message = WaitVramFree(step_id, baseline, expected, self.settings.recovery_fraction,
                                    self.settings.recovery_timeout_s)
-        timeout = self.settings.step_timeout_s
         if step.kind in (CONFIRM_FREE, READ_VRAM):
             timeout = self.settings.recovery_timeout_s + min(timeout, 60.0)
-        self._inflight = _InFlight(step, message, now, now + timeout, prev_unconfirmed, prev_state)
+        self._inflight = _InFlight(step, step_id, message, now, now + timeout, prev_unconfirmed, prev_state)
         if step.kind in ALLOCATING_KINDS and self._vram_short is not None:
             self._set_vram_short(None, now, fx)
         fx.append(Log("step.sent", {"step": step.description, "step_id": step_id, "reason": step.cause}))
@@ -720,6 +828,70 @@ class Coordinator:
     def _step_done(self, inflight: _InFlight, now: float, fx: list[Effect]) -> None:
         self._retry_after.pop(inflight.step.kind, None)
         self._steps_done.append((now, inflight.step.description))
+
+    # --- the chat side of the gate --------------------------------------------------------------------------------
+
+    def _serve_chat(self, plan: Plan, now: float, fx: list[Effect]) -> Plan:
+        """Refuse the chat loads that cannot fit as soon as that is known for sure (the agent chooses its next model
+        with the figure, so never on an estimate that may count an allocation twice); grant the oldest chat request
+        when the mode has nothing to send (its steps go first) and no freed bytes wait for confirmation. Returns the
+        plan, re-made if a grant changed what it projects."""
+        gpu = self._gpu()
+        waiting = [w for w in self._waiters if w.kind == "chat"]
+        if not waiting or gpu is None:
+            return plan  # nothing asked, or no reading yet to fit against
+        world = self._world(now)
+        grantable = grantable_bytes(world, plan)
+        inflight = self._inflight
+        exact = not gpu or not (world.uncertain_bytes or (
+            inflight is not None and inflight.step.kind in ALLOCATING_KINDS + (CHAT_LOAD,)))
+        for w in waiting:
+            req: ChatNeeds = w.request
+            if not req.unload and grantable is not None and req.needed_bytes > grantable and exact:
+                self._waiters.remove(w)
+                err = chat_refusal(req.model, req.needed_bytes, grantable, world, plan)
+                fx.append(Reply(w.sender, Failure.from_error(req.request_id, err)))
+                fx.append(Log("chat.refused", {"model": req.model, "needed_bytes": req.needed_bytes,
+                                               "grantable_bytes": grantable, "request_id": req.request_id}))
+        head = next((w for w in self._waiters if w.kind == "chat"), None)
+        if head is None or self._inflight is not None or plan.next_step is not None:
+            return plan
+        unconfirmed = self._unconfirmed
+        if gpu and not head.request.unload and ((unconfirmed is not None and (
+                unconfirmed.expected_bytes or unconfirmed.includes_vlm)) or head.request.needed_bytes > grantable):
+            return plan  # freed bytes are confirmed, or a stale estimate read again, first (the plan does both)
+        self._grant_chat(head, grantable, now, fx)
+        return self._plan(now)
+
+    def _grant_chat(self, w: _Waiter, grantable: int | None, now: float, fx: list[Effect]) -> None:
+        """The agent's turn at the gate: it unloads its model (if any) and loads the asked one, or only unloads."""
+        self._waiters.remove(w)
+        req: ChatNeeds = w.request
+        self._step_seq += 1
+        step_id = f"{self._epoch}-{self._step_seq}"
+        prev_unconfirmed = None if self._unconfirmed is None else _Unconfirmed(**vars(self._unconfirmed))
+        if req.unload:
+            step = PlannedStep(CHAT_UNLOAD, f"unload chat {req.model}", self._chat_bytes, "chat")
+            if self._chat_bytes:
+                self._add_unconfirmed(self._chat_bytes, False)
+        else:
+            nbytes = req.needed_bytes if self._gpu() else 0
+            step = PlannedStep(CHAT_LOAD, f"load chat {req.model}", nbytes, "chat")
+        # Without a GPU there is no VRAM limit: the grant is what was asked.
+        message = ChatGrant(req.request_id, step_id, req.needed_bytes if grantable is None else grantable)
+        self._inflight = _InFlight(step, step_id, message, now, now + self.settings.step_timeout_s, prev_unconfirmed,
+                                   self._chat_model or "", chat_model=None if req.unload else req.model)
+        fx.append(Log("chat.granted", {"step": step.description, "step_id": step_id, "request_id": req.request_id,
+                                       "needed_bytes": req.needed_bytes, "grantable_bytes": grantable,
+                                       "waited_s": round(now - w.since, 3)}))
+        fx.append(Reply(w.sender, message))
+
+    def _answer_grantable(self, w: _Waiter, now: float, fx: list[Effect]) -> None:
+        self._waiters.remove(w)
+        grantable = grantable_bytes(self._world(now), self._plan(now))
+        fx.append(Log("chat.grantable", {"grantable_bytes": grantable, "chat_model": self._chat_model,
+                                         "chat_bytes": self._chat_bytes, "request_id": w.request.request_id}))
+        fx.append(Reply(w.sender, Grantable(w.request.request_id, grantable, self._chat_model)))
 
     # --- settle helpers -------------------------------------------------------------------------------------------
 
@@ -756,7 +928,7 @@ class Coordinator:
         if inflight is None or now < inflight.deadline:
             return
         self._inflight = None
-        failure = Failure(inflight.message.step_id, Reason.TIMEOUT,
+        failure = Failure(inflight.step_id, Reason.TIMEOUT,
                           f"no result within {inflight.deadline - inflight.sent_at:g} s")
         self._step_failed(inflight, failure, now, fx)
         if inflight.step.kind in (LOAD_VLM, UNLOAD_VLM):
@@ -766,6 +938,9 @@ class Coordinator:
 
     def _expire_waiters(self, now: float, fx: list[Effect]) -> None:
         for w in [w for w in self._waiters if w.deadline <= now]:
+            if w.kind == "grantable":
+                self._answer_grantable(w, now, fx)  # still no reading: 0 bytes, rather than a turn left hanging
+                continue
             plan = self._plan(now)
             pending = self._inflight.step.description if self._inflight else (plan.describe() or ("nothing",))[0]
             self._fail(w, Reason.TIMEOUT, f"{type(w.request).__name__} not done within {w.request.timeout_s:g} s; "
@@ -828,6 +1003,8 @@ class Coordinator:
             elif w.kind == "place" and not clip_busy and self._clip_placement == w.request.device:
                 self._waiters.remove(w)
                 fx.append(Reply(w.sender, ClipPlaced(w.request.request_id, self._clip_device)))
+            elif w.kind == "grantable" and (self._gpu() is False or (self._gpu() and not self._allocs)):
+                self._answer_grantable(w, now, fx)  # on a reading that shows every allocation (the plan reads one)
 
     def _refuse(self, plan: Plan, now: float, fx: list[Effect]) -> bool:
         """Fail whoever needs a refused step (invariant 12). True when that changed what is wanted."""
@@ -979,6 +1156,7 @@ class Coordinator:
         self._last_used_at = now
         self._retry_after.pop(LOAD_VLM, None)
         self._retry_after.pop(MOVE_CLIP_CPU, None)
+        self._retry_after.pop(YIELD_CHAT, None)
 
     def _fail(self, w: _Waiter, reason: Reason, message: str, fx: list[Effect], details: dict | None = None) -> None:
         if w in self._waiters:

@@ -10,21 +10,25 @@ The rules, in the order they are applied:
    autopilot grace; then the mode's policy. CLIP follows a manual pin, else the policy; without a GPU it stays on
    the CPU.
 2. Yield. If the VLM is wanted and the VLM and CLIP do not both fit, CLIP yields to the CPU (unless pinned) — but
-   only when that makes the VLM fit; otherwise CLIP keeps its place and the VLM load is refused.
-3. Order (invariant 3). Freeing steps first (CLIP to the CPU, then the VLM unload), then a confirmation that the
-   VRAM really came back (after every unload — invariant 4 — and before any allocating step relies on freed
+   only when that makes the VLM fit (counting what the chat model would give back); otherwise CLIP keeps its place
+   and the VLM load is refused. The chat model yields before CLIP does: Mai's own parts win over chat.
+3. Order (invariant 3). Freeing steps first (CLIP to the CPU, the VLM unload, a chat yield), then a confirmation
+   that the VRAM really came back (after every unload — invariant 4 — and before any allocating step relies on freed
    bytes), then allocating steps (VLM load, then CLIP to the GPU). A freeing step starts from a fresh reading, the
    baseline its confirmation is measured against.
 4. Fit (invariant 12). An allocating step is planned only if its footprint fits in the estimated free VRAM minus
-   the reserve. When it does not and the estimate is stale, the plan reads the VRAM again first; when the reading
-   is fresh, the step is refused with the bytes needed, the bytes free and what could yield.
-5. Blocks. A step whose part is unknown (not observed yet), down (degraded), backing off after a failure, or —
+   the reserve. When it does not and the estimate is stale, the plan reads the VRAM again first; when it would fit
+   with the chat model's bytes, the chat model is asked to yield them (a freeing step, confirmed like the others);
+   otherwise the step is refused with the bytes needed, the bytes free and what could yield.
+5. Chat. While a chat model load waits for the gate, freed bytes are confirmed first; while the chat agent waits
+   on a figure a stale estimate cannot give, the VRAM is read again once the mode has nothing to send.
+6. Blocks. A step whose part is unknown (not observed yet), down (degraded), backing off after a failure, or —
    for an unload — held by a lease, stays in the plan but is marked blocked: nothing is sent past it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping
 
 from messages.errors import MaiError, Reason
@@ -37,11 +41,12 @@ CLIP_POLICIES = ("gpu", "cpu", "keep")
 # Step kinds, in the only order they may appear in a plan.
 MOVE_CLIP_CPU = "move_clip_cpu"
 UNLOAD_VLM = "unload_vlm"
+YIELD_CHAT = "yield_chat"  # ChatYield: the conversation agent unloads its chat model for a step of the mode
 CONFIRM_FREE = "confirm_free"  # WaitVramFree after freeing: the sampler confirms the bytes came back
 READ_VRAM = "read_vram"  # WaitVramFree expecting nothing: a fresh reading before refusing on a stale estimate
 LOAD_VLM = "load_vlm"
 MOVE_CLIP_GPU = "move_clip_gpu"
-FREEING_KINDS = (MOVE_CLIP_CPU, UNLOAD_VLM)
+FREEING_KINDS = (MOVE_CLIP_CPU, UNLOAD_VLM, YIELD_CHAT)
 ALLOCATING_KINDS = (LOAD_VLM, MOVE_CLIP_GPU)
 SAMPLER_KINDS = (CONFIRM_FREE, READ_VRAM)
 
@@ -91,6 +96,8 @@ class World:
     unconfirmed_vlm: bool = False  # ...and those include a VLM unload (always confirmed: invariant 4)
     down: Mapping[str, str] = field(default_factory=dict)  # part ("vlm", "clip") -> why it cannot take steps
     retry_wait: Mapping[str, str] = field(default_factory=dict)  # step kind -> why it waits before a retry
+    chat_model: str | None = None  # the conversation agent's model, if it holds one
+    chat_bytes: int = 0  # VRAM that chat model holds: what a chat yield gives back (0: unknown or none)
 
 
 @dataclass(frozen=True)
@@ -104,6 +111,8 @@ class Demand:
     policy_suspended: bool = False  # after an idle unload, a "loaded" policy waits for new demand or a new SetMode
     grace: bool = False  # an on-demand VLM is within its grace period after the last lease ended
     clip_pin: str | None = None  # manual PlaceClip placement, until the next SetMode
+    chat_load_waiting: bool = False  # a chat model load waits for the gate: freed bytes are confirmed first
+    chat_needs_reading: bool = False  # the chat agent waits on a figure a stale estimate cannot give: read again
 
 
 @dataclass(frozen=True)
@@ -119,6 +128,7 @@ class PlannedStep:
     nbytes: int  # VRAM the step frees or claims (0 for sampler steps and without a GPU)
     cause: str  # the goal's reason: why this step is in the plan
     blocked: str | None = None  # why it cannot be sent yet
+    short_bytes: int = 0  # a chat yield: how many bytes the step it makes room for lacks without it
 
     def describe(self) -> str:
         return f"{self.description} ({self.blocked})" if self.blocked else self.description
@@ -209,21 +219,30 @@ def plan_steps(world: World, policy: ModePolicy, demand: Demand) -> Plan:
     clip_wants_gpu = clip_goal.state == "gpu" or (clip_goal.state == "keep" and clip_on_gpu)
 
     unsure = world.uncertain_bytes
+    chat_left = world.chat_bytes if world.gpu else 0  # what a chat yield would still give back
     read_first = False  # a fresh reading could change the decision: read the VRAM again (or confirm) first
     vlm_kept = vlm_goal.state == "loaded" or (vlm_goal.state == "keep" and vlm_on)
     if world.gpu and world.free_bytes is not None and vlm_kept and clip_wants_gpu and clip_goal.reason != "pin":
         room = world.free_bytes + world.unconfirmed_bytes - reserve
         need = (0 if vlm_on else vlm_fp) + (0 if clip_on_gpu else clip_fp)  # besides what is on the GPU now
         room_alone = room + (clip_fp if clip_on_gpu else 0)  # if CLIP leaves, the VLM alone has this
+        # Cheapest first: a fresh reading, then the chat model's bytes, then CLIP's place; read again whenever a
+        # reading could spare an eviction.
         if need > room:
-            if need <= room + unsure or (not vlm_on and room_alone < vlm_fp <= room_alone + unsure):
+            if need <= room + unsure:
                 read_first = True
-            elif vlm_on or vlm_fp <= room_alone:
+            elif need <= room + chat_left:
+                pass  # the chat model yields (below) and both fit: CLIP keeps its place
+            elif need <= room + chat_left + unsure:
+                read_first = True
+            elif vlm_on or vlm_fp <= room_alone + chat_left:
                 clip_goal = Goal("cpu", "yield")
                 notes.append(
                     f"CLIP yields to the CPU: VLM {gib(vlm_fp)} + CLIP {gib(clip_fp)} do not both fit "
                     f"(free {gib(world.free_bytes)}, reserve {gib(reserve)})"
                 )
+            elif vlm_fp <= room_alone + chat_left + unsure:
+                read_first = True
     clip_wants_gpu = clip_goal.state == "gpu" or (clip_goal.state == "keep" and clip_on_gpu)
 
     freeing: list[PlannedStep] = []
@@ -244,15 +263,24 @@ def plan_steps(world: World, policy: ModePolicy, demand: Demand) -> Plan:
         avail = world.free_bytes + world.unconfirmed_bytes + planned_freed - reserve
 
     def fits(kind: str, description: str, needed: int, cause: str, evictable: tuple[str, ...]) -> bool:
-        nonlocal avail, read_first
+        nonlocal avail, read_first, chat_left
         if not world.gpu or avail is None:
             return True  # no GPU: nothing to fit; no reading yet: the step is blocked until one arrives
         if needed <= avail:
             avail -= needed
             return True
         if needed <= avail + unsure:
-            read_first = True  # never refuse on a guess: read again (or confirm) first
+            read_first = True  # never refuse (or evict) on a guess: read again (or confirm) first
+        elif chat_left and needed <= avail + chat_left:
+            freeing.append(PlannedStep(YIELD_CHAT, f"yield chat {world.chat_model} for {description}", chat_left,
+                                       cause, short_bytes=needed - avail))
+            avail, chat_left = avail + chat_left - needed, 0
+            return True
+        elif needed <= avail + chat_left + unsure:
+            read_first = True  # a reading may show enough room for the yield to make up the rest
         else:
+            if chat_left:
+                evictable += (f"chat {world.chat_model}",)
             refusals.append(Refusal(kind, description, needed, max(0, avail + reserve), reserve, evictable, cause))
         return False
 
@@ -267,23 +295,28 @@ def plan_steps(world: World, policy: ModePolicy, demand: Demand) -> Plan:
         if fits(MOVE_CLIP_GPU, "move CLIP to gpu", clip_fp, clip_goal.reason, evictable):
             allocating.append(PlannedStep(MOVE_CLIP_GPU, "move CLIP to gpu", clip_fp, clip_goal.reason))
 
-    steps = [_block(s, world, demand) for s in _order(world, freeing, allocating, read_first)]
+    relies_on_freed = bool(allocating) or read_first or demand.chat_load_waiting
+    steps = [_block(s, world, demand) for s in _order(world, freeing, allocating, read_first, relies_on_freed)]
     if steps and steps[0].kind in FREEING_KINDS and steps[0].blocked is None and world.gpu and unsure:
         # The sampler confirms a freeing step against the free VRAM before it: make that a real reading.
         steps.insert(0, PlannedStep(READ_VRAM, "read VRAM again", 0, "baseline"))
+    elif demand.chat_needs_reading and world.gpu and unsure and all(s.blocked for s in steps):
+        # The chat agent is answered on a reading, never on a guess; the mode's own steps go first.
+        steps.insert(0, PlannedStep(READ_VRAM, "read VRAM again", 0, "chat"))
     return Plan(vlm_goal, clip_goal, tuple(steps), tuple(refusals), tuple(notes))
 
 
-def _order(world: World, freeing: list[PlannedStep], allocating: list[PlannedStep], read_first: bool) -> list[PlannedStep]:
+def _order(world: World, freeing: list[PlannedStep], allocating: list[PlannedStep], read_first: bool,
+           relies_on_freed: bool) -> list[PlannedStep]:
     """Freeing, confirm, allocating. A finished VLM unload is confirmed before anything else happens (invariant 4);
-    freed CLIP bytes are confirmed only when an allocating step is about to rely on them."""
+    other freed bytes are confirmed only when an allocation (the mode's, or a chat load waiting) will rely on them."""
     if world.gpu is False:
         return freeing + allocating  # no VRAM to confirm or to fit
     confirm = PlannedStep(CONFIRM_FREE, "confirm VRAM recovered", 0, "order")
     steps: list[PlannedStep] = [confirm] if world.unconfirmed_vlm else []
     pending_freed = bool(freeing) or (world.unconfirmed_bytes > 0 and not world.unconfirmed_vlm)
     steps += freeing
-    if pending_freed and (any(s.kind == UNLOAD_VLM for s in freeing) or allocating or read_first):
+    if pending_freed and (any(s.kind == UNLOAD_VLM for s in freeing) or relies_on_freed):
         steps.append(confirm)
     elif read_first and not steps:
         steps.append(PlannedStep(READ_VRAM, "read VRAM again", 0, "fit"))
@@ -308,4 +341,4 @@ def _block(step: PlannedStep, world: World, demand: Demand) -> PlannedStep:
         reason = "waiting for the first VRAM reading"
     if reason is None:
         return step
-    return PlannedStep(step.kind, step.description, step.nbytes, step.cause, reason)
+    return replace(step, blocked=reason)

@@ -1,10 +1,12 @@
 """DESIGN §4 invariants of the GPU gate, as hypothesis state machines over the coordinator in a simulated world.
 
 Random interleavings of mode requests from several clients, leases, ensure-loaded/unloaded, manual CLIP placement,
-time passing, and the world misbehaving (loads failing, Ollama unreachable, NVML failing, other programs taking
-VRAM), on GPUs of 8-24 GB with VLMs of 5-8 GB. Every check is made on what the simulated world recorded — the GPU
-ledger's allocation intervals, the step log, the replies — at the instant each thing happened (observers see every
-delivery and effect before it takes effect), plus a final check after healing the world and letting time run.
+chat turns that load, switch and unload chat models through the same gate (and yield them when the mode needs the
+bytes), time passing, and the world misbehaving (loads failing, Ollama unreachable, NVML failing, other programs
+taking VRAM), on GPUs of 8-24 GB with VLMs of 5-8 GB and chat models of 1.2-5.5 GB. Every check is made on what
+the simulated world recorded — the GPU ledger's allocation intervals, the step log (chat steps included), the
+replies — at the instant each thing happened (observers see every delivery and effect before it takes effect), plus
+a final check after healing the world and letting time run.
 
 Invariant 10 (CLIP embeddings across devices) belongs to the CLIP adapter's tests.
 """
@@ -15,12 +17,14 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from hypothesis import HealthCheck, Phase, event, settings
+import pytest
+from hypothesis import HealthCheck, Phase, currently_in_test_context, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from mai.core.coordinator import CoordinatorSettings, Log, ModePolicy, Publish, Reply, SendStep
 from mai.core.plan import VLM_STATES
+from messages.conversation import ChatGrant, ChatNeeds, ChatUnloaded, ChatYield, Grantable
 from messages.errors import Reason
 from messages.events import IdleUnloaded, ModeChanged, PlanRefused, ResourceChanged
 from messages.failure import Failure
@@ -146,6 +150,9 @@ class GateMachine(RuleBasedStateMachine):
         self.ollama_up = True
         self.checked_allocs = 0
         self.gpu_at_send: dict[str, bool] = {}
+        self.chat_answers: dict[str, Any] = {}  # the chat agent's request id -> the coordinator's answer
+        self.chat_frees_vram = False  # the chat step in flight gives back VRAM the chat model held on the GPU
+        self.chat_yields_at: list[float] = []  # when the chat model was asked to yield
         self.vram_at_unload: dict[str, int] = {}  # step id -> VLM bytes on the GPU when the step was sent
         self.world = SimWorld(
             self.settings,
@@ -213,6 +220,10 @@ class GateMachine(RuleBasedStateMachine):
                 self.pending_free_at, self.pending_free_vlm, self.must_confirm_next = world.now, True, True
                 had_vram = self.vram_at_unload.get(msg.step_id, 0) > 0
                 self.must_confirm_after = world.ledger.used_at(record.sent_at) if had_vram else None
+        elif isinstance(msg, ChatUnloaded) and world.gpu_usable:
+            if self.chat_frees_vram and self.pending_free_at is None:
+                self.pending_free_at = world.now
+            self.chat_frees_vram = False
         elif isinstance(msg, ClipMoved) and msg.device == "cpu" and world.gpu_usable:
             # Freed CLIP bytes count only if the GPU was there when the move began (else nothing relied on them).
             if self.gpu_at_send.get(msg.step_id) and self.pending_free_at is None:
@@ -221,10 +232,17 @@ class GateMachine(RuleBasedStateMachine):
     must_confirm_after: int | None = None  # ledger use when the unload being confirmed began
 
     def _on_step(self, world: SimWorld, msg: Any) -> None:
-        self.gpu_at_send[msg.step_id] = world.gpu_usable
-        self.vram_at_unload[msg.step_id] = world.vlm.size_vram_bytes if world.vlm.state == "loaded" else 0
+        step_id = getattr(msg, "step_id", "yield")
+        self.gpu_at_send[step_id] = world.gpu_usable
+        self.vram_at_unload[step_id] = world.vlm.size_vram_bytes if world.vlm.state == "loaded" else 0
         # Invariant 5: one VRAM-changing step at a time.
         assert world.step_open is None, f"{msg} sent while {world.step_open.message} is in flight"
+        if isinstance(msg, ChatYield):
+            # The chat model is asked to yield only bytes it really holds on a GPU the plan can count on.
+            assert world.gpu_usable and world.chat.held_bytes > 0, f"{msg} with {world.chat.held_bytes} B held"
+            assert 0 < msg.needed_bytes <= world.chat.held_bytes + self.settings.reserve_bytes
+            self.chat_frees_vram = True
+            self.chat_yields_at.append(world.now)
         # Invariant 4: the first thing after an unload is the confirmation that VRAM came back.
         if self.must_confirm_next and world.gpu_usable:
             assert isinstance(msg, WaitVramFree), f"{msg} sent before the unload was confirmed"
@@ -257,8 +275,40 @@ class GateMachine(RuleBasedStateMachine):
                 assert world.now + EPS >= self.target_set_at + self.cfg.drain_s
                 assert granted <= self.target_set_at + EPS
 
+    def _on_chat_reply(self, world: SimWorld, msg: Any) -> None:
+        """What the coordinator answers the conversation agent: once per request, and never a blind grant."""
+        assert msg.request_id in world.chat.asked, f"{msg} answers nothing the chat agent asked (or answers twice)"
+        assert msg.request_id not in self.chat_answers, f"second answer to {msg.request_id}: {msg}"
+        self.chat_answers[msg.request_id] = msg
+        turn = world.chat.turn
+        if isinstance(msg, Grantable):
+            assert (msg.grantable_bytes is None) == (not world.gpu_usable), (msg, world.gpu_usable)
+            assert msg.grantable_bytes is None or msg.grantable_bytes >= 0
+        elif isinstance(msg, ChatGrant):
+            # Invariant 5: a chat load or unload is a step of the gate like the others, one at a time.
+            assert world.step_open is None, f"{msg} granted while {world.step_open.message} is in flight"
+            if msg.request_id == world.chat.unloading:
+                self.chat_frees_vram = world.gpu_usable and world.chat.held_bytes > 0
+            elif turn is not None and msg.request_id == turn.request_id:
+                self.chat_frees_vram = False
+                # Invariant 12: granted only what fits, on confirmed bytes (the ledger check below is the proof).
+                assert turn.model.footprint_bytes <= msg.grantable_bytes
+                if world.gpu_usable:
+                    assert self.pending_free_at is None, f"{msg} granted before the freed VRAM was confirmed"
+        elif isinstance(msg, Failure) and msg.reason == Reason.INSUFFICIENT_VRAM:
+            # Invariant 12: a chat load that does not fit is refused with the bytes, never attempted.
+            details = dict(msg.details)
+            assert turn is not None and turn.model is not None and msg.request_id == turn.request_id
+            assert int(details["needed_bytes"]) == turn.model.footprint_bytes > int(details["free_bytes"])
+            assert "needs" in msg.message and "grant" in msg.message
+        elif isinstance(msg, Failure):
+            assert msg.reason in (Reason.TIMEOUT, Reason.SUPERSEDED), msg
+
     def _on_reply(self, world: SimWorld, reply: Reply) -> None:
         msg = reply.message
+        if reply.to == "chat":
+            self._on_chat_reply(world, msg)
+            return
         request = self.requests.get(msg.request_id)
         assert request is not None, f"reply to a request never sent: {msg}"
         assert reply.to == request.sender, "reply sent to the wrong client"
@@ -297,10 +347,14 @@ class GateMachine(RuleBasedStateMachine):
                     # ...not even if CLIP yielded its place (DESIGN §3: the plan decides which one yields).
                     assert needed > free + world.clip.true_bytes - self.settings.reserve_bytes, "CLIP should yield"
             elif msg.reason == Reason.TIMEOUT and not self.cfg.faults:
-                # Liveness: in a world that behaves, a VLM asked for with time to spare is served (or refused).
+                # Liveness: in a world that behaves, a VLM asked for with time to spare is served (or refused) —
+                # unless it had to wait for the chat model to finish a reply before yielding its bytes (bounded by
+                # chat_yield_timeout_s: the time to spare does not cover that).
                 on_demand = isinstance(request.message, AcquireLease) or (
                     isinstance(request.message, EnsureVlm) and request.message.loaded)
-                assert not (on_demand and request.message.timeout_s >= 30.0), f"{request.message} timed out"
+                waited_on_chat = any(t >= request.sent_at for t in self.chat_yields_at)
+                assert not (on_demand and request.message.timeout_s >= 30.0 and not waited_on_chat), \
+                    f"{request.message} timed out"
             elif msg.reason == Reason.NO_GPU:
                 assert isinstance(request.message, PlaceClip) and request.message.device == "gpu"
                 assert not world.gpu_usable
@@ -371,12 +425,12 @@ class GateMachine(RuleBasedStateMachine):
     def place_clip(self, device: str, timeout: float) -> None:
         request_id = self._id("place")
         no_gpu = device == "gpu" and not self.gpu_usable
+        if not no_gpu:  # recorded first: the mode may be reached during the send (a chat step holds the gate)
+            self.pin, self.pin_request = device, request_id
         self._send(PlaceClip(request_id, device, timeout), "client-2")
         if no_gpu:
             failure = self.world.reply(request_id)
             assert isinstance(failure, Failure) and failure.reason == Reason.NO_GPU
-        else:
-            self.pin, self.pin_request = device, request_id
 
     @rule(dt=st.sampled_from([0.0, 0.01, 0.1, 0.5, 2.0]))
     def advance_a_little(self, dt: float) -> None:
@@ -386,13 +440,28 @@ class GateMachine(RuleBasedStateMachine):
     def advance_a_lot(self, dt: float) -> None:
         self.world.advance(dt)
 
+    @rule(want=st.integers(0, 2), reply_s=st.sampled_from([0.5, 5.0, 20.0]))
+    def chat_turn(self, want: int, reply_s: float) -> None:
+        self.world.chat_turn(want, reply_s)
+
+    @rule(want=st.integers(0, 2))
+    def chat_turn_and_wait(self, want: int) -> None:
+        self.world.chat_turn(want, 1.0)
+        self.world.advance(10.0)
+
+    @rule()
+    def chat_unload(self) -> None:
+        self.world.chat_unload()
+
     @precondition(lambda self: self.cfg.faults)
     @rule(fault=st.sampled_from(["load fails", "load fails", "ollama down", "ollama up", "nvml fails", "nvml back",
-                                 "other program", "other program quits"]))
+                                 "other program", "other program quits", "chat load fails"]))
     def fault(self, fault: str) -> None:
         world = self.world
         if fault == "load fails":
             world.fail_next_loads(1)
+        elif fault == "chat load fails":
+            world.fail_next_chat_loads(1)
         elif fault.startswith("ollama"):
             self.ollama_up = fault == "ollama up"
             world.set_ollama_reachable(self.ollama_up)
@@ -434,7 +503,8 @@ class GateMachine(RuleBasedStateMachine):
         assert ("vlm" in degraded) == (not self.ollama_up)
         if not world.gpu_healthy:
             assert "gpu" in degraded
-        assert status.chat_model is None
+        if open_step is None:  # invariant 11: the chat model is the one the agent holds
+            assert status.chat_model == (world.chat.current.key if world.chat.current else None)
         assert isinstance(status.plan, tuple) and all(isinstance(s, str) for s in status.plan)
         assert status.at == world.now
         status.to_dict()
@@ -449,7 +519,7 @@ class GateMachine(RuleBasedStateMachine):
         ledger = self.world.ledger
         limit = ledger.total_bytes - self.settings.reserve_bytes
         for alloc in ledger.allocations[self.checked_allocs:]:
-            if alloc.owner in ("vlm", "clip"):
+            if alloc.owner in ("vlm", "clip", "chat"):
                 assert alloc.used_before + alloc.nbytes <= limit, (
                     f"{alloc.owner} took {alloc.nbytes / GIB:.2f} GiB with {alloc.used_before / GIB:.2f} GiB in use "
                     f"on a {ledger.total_bytes / GIB:.0f} GiB GPU with {self.settings.reserve_bytes / GIB:.2f} GiB reserved"
@@ -482,9 +552,12 @@ class GateMachine(RuleBasedStateMachine):
             return
         world = self.world
         seen = {event for _, event, _ in world.logs} | {type(e).__name__ for _, e in world.events}
-        for what in ("lease.revoked", "lease.expired", "plan.refused", "plan.note", "vram.recovery_incomplete",
-                     "step.failed", "IdleUnloaded", "ModeChanged", "lease.granted"):
-            event(f"saw {what}: {what in seen}")  # --hypothesis-show-statistics: the checks above really ran
+        if currently_in_test_context():  # not when a scenario below drives the machine by hand
+            for what in ("lease.revoked", "lease.expired", "plan.refused", "plan.note", "vram.recovery_incomplete",
+                         "step.failed", "IdleUnloaded", "ModeChanged", "lease.granted", "chat.granted",
+                         "chat.refused", "chat.unloaded"):
+                event(f"saw {what}: {what in seen}")  # --hypothesis-show-statistics: the checks above really ran
+            event(f"saw a chat yield: {bool(world.sent(ChatYield))}")
         if not self.ollama_up:
             self.ollama_up = True
             world.set_ollama_reachable(True)
@@ -492,9 +565,10 @@ class GateMachine(RuleBasedStateMachine):
             world.set_gpu_healthy(True)
         for _ in range(6):
             world.advance(400.0)
-        # Invariant 7: nothing hangs — every request was answered.
+        # Invariant 7: nothing hangs — every request was answered, the chat agent's included.
         unanswered = [r.message for r in self.requests.values() if not r.replies]
         assert not unanswered, f"never answered: {unanswered}"
+        assert not world.chat.asked and world.chat.turn is None, (world.chat.asked, world.chat.turn)
         core = world.core
         assert world.step_open is None and core.step_in_flight is None
         # Invariant 6: the final state is the last mode asked (unless that mode's own step cannot fit at all).
@@ -502,6 +576,13 @@ class GateMachine(RuleBasedStateMachine):
         status = core.status("final", world.now)
         refused = any(p.startswith("refused:") for p in status.plan)
         assert core.mode == self.last_mode or refused, (core.mode, self.last_mode, status.plan)
+        if refused and self.pin is None:
+            # Invariant 12 / DESIGN §3: the mode's needs win over chat — a step is refused only if the chat model's
+            # bytes would not make it fit either (the last reading is fresh by now: no estimate is involved).
+            policy = self.settings.modes[core.target_mode]
+            need = status.vlm.footprint_bytes if policy.vlm == "loaded" else status.clip.footprint_bytes
+            room = world.ledger.free_bytes + world.chat.held_bytes - self.settings.reserve_bytes
+            assert need > room, f"refused although the chat model's {world.chat.held_bytes} B would make room"
         # Invariant 8: with no lease for idle_timeout_s the VLM is unloaded (leases have all expired by now).
         assert not self.held
         assert world.vlm.state == "unloaded", f"VLM still {world.vlm.state} long after the last lease"
@@ -524,3 +605,62 @@ GateMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestGate = GateMachine.TestCase
+
+
+# --- the yield scenario, driven by hand through the same machine (every check above applies) --------------------------
+
+
+def _machine(**changes: Any) -> GateMachine:
+    base = dict(gpu_total_gib=10, gpu_present=True, external_mib=0, reserve_mib=512, vlm_declared_mib=6000,
+                vlm_shrink_mib=0, clip_mib=600, release_lag_s=0.3, load_s=3.0, autopilot_grace_s=None, drain_s=2.0,
+                idle_timeout_s=300.0, initial_mode="idle", vlm_loaded=False, clip_device="cpu", faults=False)
+    machine = GateMachine()
+    machine.start(WorldConfig(**{**base, **changes}))
+    return machine
+
+
+def _check(machine: GateMachine) -> None:
+    machine.ledger_within_capacity()
+    machine.steps_never_overlap()
+    machine.leases_drain_in_bounded_time()
+
+
+@pytest.mark.parametrize(
+    ("mode", "gpu_gib", "external_mib", "clip_device", "reply_s"),
+    [
+        ("recording", 10, 0, "cpu", 1.0),  # the VLM needs the bytes the chat model holds
+        ("recording", 10, 0, "gpu", 1.0),  # ...after CLIP went to the CPU
+        ("recording", 12, 1024, "cpu", 20.0),  # ...and the chat model finishes its reply first
+        ("autopilot", 8, 2048, "cpu", 1.0),  # CLIP's move to the GPU needs them
+    ],
+)
+def test_the_mode_takes_back_the_vram_the_chat_model_holds(mode, gpu_gib, external_mib, clip_device, reply_s):
+    """A chat model loaded while the GPU was idle holds bytes the new mode needs: the chat model yields (after the
+    reply in progress), the freed VRAM is confirmed, the mode's step runs; the next turn gets what is left."""
+    machine = _machine(gpu_total_gib=gpu_gib, external_mib=external_mib, clip_device=clip_device)
+    world = machine.world
+    machine.chat_turn(0, reply_s)
+    machine.advance_a_lot(5.0)
+    assert world.chat.current is not None and world.chat.current.key == "qwen3:8b"
+    machine.set_mode(0, mode, True, 120.0)
+    machine.advance_a_lot(60.0)
+    _check(machine)
+    (yielded,) = world.sent(ChatYield)
+    assert yielded.needed_bytes > 0 and mode in yielded.reason
+    assert world.core.mode == mode and world.chat.current is None
+    assert (world.vlm.state == "loaded") if mode == "recording" else (world.clip.placement == "gpu")
+    (reached,) = [r for r in machine.requests.values() if isinstance(r.message, SetMode)]
+    assert isinstance(reached.replies[0], ModeReached)
+    assert any(step.startswith("yield chat qwen3:8b") for step in reached.replies[0].steps)
+    unloaded_at = next(s.ended_at for s in world.steps if isinstance(s.message, ChatYield))
+    allocating = next(s for s in world.steps if isinstance(s.message, LoadVlm) or (
+        isinstance(s.message, MoveClip) and s.message.device == "gpu"))
+    assert unloaded_at <= allocating.sent_at  # the yield ended before the step that needed its bytes began
+    if reply_s > 1.0:
+        assert unloaded_at >= 1_000.0 + 2.0 + reply_s  # not before the reply in progress was done
+    machine.chat_turn(0, 1.0)
+    machine.advance_a_lot(15.0)
+    _check(machine)
+    assert world.chat.current is not None  # a model that fits in what the mode left
+    assert world.vlm.state == "loaded" if mode == "recording" else world.clip.placement == "gpu"
+    machine.teardown()

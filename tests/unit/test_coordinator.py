@@ -20,6 +20,7 @@ from mai.core.coordinator import (
     Tick,
     WakeAt,
 )
+from messages.conversation import ChatGrant, ChatLoaded, ChatNeeds, ChatUnloaded, ChatYield, GetGrantable, Grantable
 from messages.errors import Reason
 from messages.events import (
     Degraded,
@@ -57,7 +58,7 @@ from messages.steps import (
     VramReading,
     WaitVramFree,
 )
-from tests.sim_world import GIB, MIB, SimWorld, Timings
+from tests.sim_world import DEFAULT_CHAT_MODELS, GIB, MIB, SimWorld, Timings
 
 MODEL = "qwen2.5vl:7b"
 HOST = "http://127.0.0.1:11434"
@@ -282,13 +283,18 @@ def test_ensure_unloaded_answers_after_the_vram_is_confirmed_back():
     assert w.reply("e1") == VlmReady("e1", False, MODEL, 0)
 
 
-def test_every_waiter_times_out_with_a_reason():
+@pytest.mark.parametrize(("waiting", "sender"), [
+    (EnsureVlm("w1", True, timeout_s=2), "client"),
+    (ChatNeeds("w1", DEFAULT_CHAT_MODELS[2].key, DEFAULT_CHAT_MODELS[2].footprint_bytes, timeout_s=2), "chat"),
+])
+def test_every_waiter_times_out_with_a_reason(waiting, sender):
     w = world(timings=Timings(vlm_load_s=30))
-    w.send(EnsureVlm("e1", True, timeout_s=2))
+    w.send(SetMode("r1", "recording"))  # a 30 s load holds the gate
+    w.send(waiting, sender)
     w.advance(1.99)
-    assert w.reply("e1") is None
+    assert w.reply("w1") is None
     w.advance(0.02)
-    failure = w.reply("e1")
+    failure = w.reply("w1")
     assert failure.reason == Reason.TIMEOUT and f"pending: load {MODEL}" in failure.message
 
 
@@ -431,6 +437,226 @@ def test_a_newer_placement_supersedes_an_older_one():
     assert w.reply("p1").reason == Reason.SUPERSEDED
     w.advance(5)
     assert w.reply("p2") == ClipPlaced("p2", "cpu")
+
+
+# --- the chat gate: chat model loads and unloads are steps of the same gate ------------------------------------------
+
+BIG, MEDIUM, SMALL = DEFAULT_CHAT_MODELS  # qwen3:8b, qwen3:4b, qwen3:1.7b (asked for 5.5, 3 and 1.25 GiB)
+
+
+def test_grantable_is_free_less_reserve_plus_what_the_chat_model_holds():
+    w = world()
+    assert w.ask(GetGrantable("g1"), "chat") == Grantable("g1", 12 * GIB - 512 * MIB, None)
+    w.chat_turn(want=1)
+    w.advance(5)
+    assert w.chat.current == MEDIUM and w.ledger.held("chat") == MEDIUM.true_bytes
+    # Its load is in the estimate; a fresh reading first shows it once (no double count), and switching would give
+    # its bytes back: the agent may take all of it again.
+    assert w.ask(GetGrantable("g2"), "chat", within_s=1) == Grantable("g2", 12 * GIB - 512 * MIB, MEDIUM.key)
+    assert w.core.status("s", w.now).chat_model == MEDIUM.key
+
+
+def test_grantable_leaves_out_what_the_mode_still_has_to_load():
+    w = world(external_bytes=GIB)
+    w.set_ollama_reachable(False)
+    w.send(SetMode("r1", "recording"))
+    # The VLM load is blocked while Ollama is down, but its 6 GiB stay promised to it.
+    assert w.ask(GetGrantable("g1"), "chat") == Grantable("g1", 12 * GIB - GIB - 512 * MIB - 6 * GIB, None)
+    w.chat_turn(want=0)
+    w.advance(5)
+    assert w.chat.current == MEDIUM and not w.logs_of("chat.refused")  # 5.5 GiB do not fit in 4.5: 3 GiB do
+    w.set_ollama_reachable(True)
+    w.advance(10)
+    assert w.vlm.state == "loaded" and not w.sent(ChatYield)  # the chat model left the VLM its room
+
+
+def test_a_chat_load_that_does_not_fit_is_refused_at_once_naming_the_grantable():
+    w = world(gpu_total_bytes=8 * GIB, external_bytes=3 * GIB)
+    w.send(ChatNeeds("c1", "huge", 6 * GIB), "chat")
+    failure = w.reply("c1")
+    assert failure.reason == Reason.INSUFFICIENT_VRAM
+    details = dict(failure.details)
+    assert int(details["needed_bytes"]) == 6 * GIB and int(details["free_bytes"]) == 5 * GIB - 512 * MIB
+    assert details["evictable"] == "[]"  # nothing Mai holds yields to a chat model
+    assert "chat model huge needs 6.0 GB, the GPU gate can grant 4.5 GB" in failure.message
+    assert w.steps == []  # never attempted blind
+
+
+def test_a_queued_chat_load_is_refused_on_a_reading_and_the_agent_chooses_a_smaller_model():
+    w = world(gpu_total_bytes=16 * GIB)
+    w.send(SetMode("r1", "recording"))  # the VLM load is in flight for 4 s
+    w.chat_turn(want=0)
+    assert w.logs_of("chat.grantable")[0]["grantable_bytes"] == 16 * GIB - 512 * MIB - 6 * GIB
+    w.advance(1)
+    w.set_external_bytes(5632 * MIB)  # another program takes VRAM while the 8b waits for the gate
+    w.advance(2.9)
+    assert w.vlm.state == "loading" and not w.logs_of("chat.refused")  # the reading may show the VLM's bytes: wait
+    w.advance(10)
+    (refused,) = w.logs_of("chat.refused")
+    assert refused["model"] == BIG.key and refused["grantable_bytes"] == 16 * GIB - 5 * GIB - 5632 * MIB - 512 * MIB
+    assert step_names(w) == ["LoadVlm", "read", "ChatGrant"] and w.chat.current == MEDIUM
+
+
+def test_the_modes_steps_go_before_a_chat_load():
+    w = world(clip_device="gpu")
+    w.send(SetMode("r1", "recording", wait=True))
+    w.chat_turn(want=2)
+    w.advance(10)
+    assert step_names(w) == ["clip->cpu", "confirm", "LoadVlm", "ChatGrant"]
+    grant = w.steps[-1]
+    assert grant.sent_at >= w.steps[-2].ended_at and w.chat.current == SMALL
+    reached = w.reply("r1")
+    assert isinstance(reached, ModeReached) and not any("chat" in s for s in reached.steps)
+
+
+def test_a_chat_step_holds_the_gate_until_its_result():
+    w = world(timings=Timings(chat_load_s=10.0))
+    w.chat_turn(want=1)
+    assert isinstance(w.core.step_in_flight, ChatGrant)
+    w.send(SetMode("r1", "recording", wait=True))
+    w.advance(9.9)
+    assert step_names(w) == ["ChatGrant"]  # one VRAM operation at a time, chat included
+    assert w.core.status("s", w.now).step_in_flight == f"load chat {MEDIUM.key}"
+    w.advance(0.2)
+    assert step_names(w)[-1] == "LoadVlm"
+    w.advance(10)
+    assert isinstance(w.reply("r1"), ModeReached)
+
+
+def test_recording_asks_the_chat_model_to_yield_the_bytes_the_vlm_needs():
+    w = world(gpu_total_bytes=10 * GIB)
+    w.chat_turn(want=0, reply_s=1.0)
+    w.advance(5)
+    assert w.chat.current == BIG
+    reached = w.ask(SetMode("r1", "recording", wait=True), within_s=30)
+    assert isinstance(reached, ModeReached)
+    # A fresh reading first (never evict on a guess), then the yield, its bytes confirmed, then the load.
+    assert step_names(w) == ["ChatGrant", "read", "ChatYield", "confirm", "LoadVlm"]
+    (yielded,) = w.sent(ChatYield)
+    assert yielded.needed_bytes == 6 * GIB - (10 * GIB - BIG.true_bytes - 512 * MIB)  # what the VLM lacks
+    assert yielded.reason == f"yield chat {BIG.key} for load {MODEL} (mode recording)"
+    assert f"yield chat {BIG.key} for load {MODEL}" in reached.steps
+    assert w.chat.current is None and w.core.status("s", w.now).chat_model is None and w.vlm.state == "loaded"
+    # The next turn gets what the VLM left.
+    w.chat_turn(want=0)
+    w.advance(10)
+    assert w.chat.current == MEDIUM and w.vlm.state == "loaded"
+
+
+def test_a_yield_waits_for_the_reply_in_progress():
+    w = world(gpu_total_bytes=10 * GIB)
+    w.chat_turn(want=0, reply_s=12.0)  # loaded at +2 s, replies until +14 s
+    w.advance(3)
+    w.send(SetMode("r1", "recording", wait=True))
+    w.advance(5)
+    assert isinstance(w.core.step_in_flight, ChatYield) and w.vlm.state == "unloaded"
+    w.advance(20)
+    unloaded = w.logs_of("chat.unloaded")[0]
+    assert unloaded["reason"] == "mode" and unloaded["freed_bytes"] == BIG.true_bytes
+    assert isinstance(w.reply("r1"), ModeReached) and w.vlm.state == "loaded"
+
+
+def test_a_yield_not_answered_in_time_fails_the_mode_waiter_then_is_retried():
+    w = world(settings(chat_yield_timeout_s=5.0), gpu_total_bytes=10 * GIB)
+    w.chat_turn(want=0, reply_s=20.0)  # replies until +22 s: longer than the yield may take
+    w.advance(3)
+    failure = w.ask(SetMode("r1", "recording", wait=True), within_s=10)
+    assert failure.reason == Reason.TIMEOUT and f"yield chat {BIG.key}" in failure.message
+    assert "retry after 5 s" in w.core.status("s", w.now).plan[0]
+    w.advance(30)
+    assert len(w.sent(ChatYield)) == 2  # retried after the backoff
+    assert w.core.mode == "recording" and w.vlm.state == "loaded" and w.chat.current is None
+
+
+def test_a_lease_takes_the_chat_models_bytes_before_clips():
+    w = world(gpu_total_bytes=8 * GIB, initial_mode="autopilot", clip_device="gpu")
+    w.chat_turn(want=1)
+    w.advance(5)
+    granted = w.ask(AcquireLease("l1", "loop"), within_s=30)
+    assert isinstance(granted, LeaseGranted)
+    assert "ChatYield" in step_names(w) and "clip->cpu" not in step_names(w)  # Mai's own CLIP keeps its place
+    assert w.clip.placement == "gpu" and w.chat.current is None
+
+
+def test_a_refused_vlm_load_names_the_chat_model_that_could_not_make_room_alone():
+    w = world(gpu_total_bytes=8 * GIB, external_bytes=3 * GIB)
+    w.chat_turn(want=2)
+    w.advance(5)
+    failure = w.ask(SetMode("r1", "recording", wait=True), within_s=10)
+    assert failure.reason == Reason.INSUFFICIENT_VRAM and f"chat {SMALL.key}" in dict(failure.details)["evictable"]
+    assert not w.sent(ChatYield)  # no yield that would not make the load fit
+
+
+def test_the_chat_agent_unloads_through_the_gate():
+    w = world()
+    w.chat_turn(want=1)
+    w.advance(5)
+    assert w.chat_unload()
+    (grant,) = [m for m in w.sent(ChatGrant) if m.request_id.startswith("unload")]
+    assert isinstance(w.core.step_in_flight, ChatGrant)
+    w.advance(1)
+    assert w.core.step_in_flight is None and w.core.status("s", w.now).chat_model is None
+    assert w.logs_of("chat.unloaded")[-1] == {"model": MEDIUM.key, "freed_bytes": MEDIUM.true_bytes,
+                                               "step_id": grant.step_id, "reason": "chat"}
+
+
+def test_a_failed_chat_load_leaves_no_chat_model_and_the_next_turn_works():
+    w = world()
+    w.chat_turn(want=1)
+    w.advance(5)
+    w.fail_next_chat_loads(1)
+    w.chat_turn(want=0)
+    w.advance(5)
+    assert w.chat.outcomes[-1][2] == "load failed"
+    assert w.core.status("s", w.now).chat_model is None and w.core.step_in_flight is None
+    w.chat_turn(want=0)
+    w.advance(5)
+    assert w.chat.current == BIG and w.core.status("s", w.now).chat_model == BIG.key
+
+
+def test_a_newer_chat_request_supersedes_a_queued_one():
+    w = world(timings=Timings(vlm_load_s=30.0))
+    w.send(SetMode("r1", "recording"))
+    w.send(ChatNeeds("c1", BIG.key, BIG.footprint_bytes), "chat")
+    w.send(ChatNeeds("c2", SMALL.key, SMALL.footprint_bytes), "chat")
+    assert w.reply("c1").reason == Reason.SUPERSEDED
+
+
+def test_without_a_gpu_there_is_no_vram_limit_for_chat():
+    w = world(gpu_present=False)
+    assert w.ask(GetGrantable("g1"), "chat") == Grantable("g1", None, None)
+    w.chat_turn(want=0)
+    w.advance(5)
+    assert w.chat.current == BIG and w.ledger.held("chat") == 0
+    assert w.core.status("s", w.now).chat_model == BIG.key
+
+
+def test_get_grantable_waits_for_the_first_reading():
+    core = Coordinator(settings(), 0.0)
+    assert not [e for e in core.handle(GetGrantable("g1"), "chat", 0.0) if isinstance(e, Reply)]
+    reading = VramReading("w", VramSnapshot(12 * GIB, GIB, 11 * GIB, "nvml", "gpu", 0.1), None)
+    (reply,) = [e for e in core.handle(reading, "sampler", 0.1) if isinstance(e, Reply)]
+    assert reply == Reply("chat", Grantable("g1", 11 * GIB - 512 * MIB, None))
+    lonely = Coordinator(settings(), 0.0)
+    lonely.handle(GetGrantable("g2"), "chat", 0.0)
+    (late,) = [e for e in lonely.handle(Tick(), None, 5.0) if isinstance(e, Reply)]
+    assert late == Reply("chat", Grantable("g2", 0, None))  # no reading in time: nothing can be vouched for
+
+
+def test_a_late_chat_result_is_still_the_truth_about_what_the_agent_holds():
+    core = Coordinator(settings(step_timeout_s=30.0), 0.0)
+    core.handle(VramReading("w", VramSnapshot(12 * GIB, 0, 12 * GIB, "nvml", "gpu", 0.0), None), "sampler", 0.0)
+    core.handle(ClipObserved("cpu", 600 * MIB, True, "ViT-B-32"), "clip", 0.0)
+    core.handle(VlmObserved(MODEL, False), "vlm", 0.0)
+    (grant,) = [e.message for e in core.handle(ChatNeeds("c1", "qwen3:4b", 3 * GIB), "chat", 0.0)
+                if isinstance(e, Reply)]
+    assert isinstance(grant, ChatGrant) and grant.grantable_bytes == 12 * GIB - 512 * MIB
+    core.handle(Tick(), None, 30.0)  # given up: the agent never answered
+    assert core.step_in_flight is None and core.status("s", 30.0).chat_model is None
+    core.handle(ChatLoaded(grant.step_id, "qwen3:4b", 3 * GIB, 31.0), "chat", 31.0)
+    assert core.status("s", 31.0).chat_model == "qwen3:4b"
+    core.handle(ChatUnloaded("yield", "qwen3:4b"), "chat", 32.0)  # an unload outside a step is an observation
+    assert core.status("s", 32.0).chat_model is None
 
 
 # --- status, observations, odds and ends -------------------------------------------------------------------------------

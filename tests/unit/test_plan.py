@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from mai.core.chat_gate import grantable_bytes, mode_claims_bytes
 from mai.core.plan import (
     CONFIRM_FREE,
     LOAD_VLM,
@@ -11,6 +12,7 @@ from mai.core.plan import (
     MOVE_CLIP_GPU,
     READ_VRAM,
     UNLOAD_VLM,
+    YIELD_CHAT,
     Demand,
     Goal,
     ModePolicy,
@@ -137,6 +139,114 @@ def test_a_pinned_clip_that_does_not_fit_is_refused_naming_the_vlm():
     plan = plan_steps(world(vlm_state="loaded", free_bytes=500 * MIB), IDLE, Demand(clip_pin="gpu"))
     assert plan.refusals[0].kind == MOVE_CLIP_GPU and plan.refusals[0].evictable == ("vlm",)
     assert plan.refusals[0].cause == "pin"
+
+
+# --- the chat model yields to the mode ---------------------------------------------------------------------------
+
+
+def test_the_chat_model_yields_when_the_vlm_fits_only_with_its_bytes():
+    plan = plan_steps(world(free_bytes=4 * GIB, chat_model="qwen3:8b", chat_bytes=5 * GIB), RECORDING, Demand())
+    assert kinds(plan) == [YIELD_CHAT, CONFIRM_FREE, LOAD_VLM] and not plan.refusals
+    yield_step = plan.steps[0]
+    assert yield_step.description == "yield chat qwen3:8b for load qwen2.5vl:7b" and yield_step.cause == "mode"
+    assert yield_step.nbytes == 5 * GIB and yield_step.short_bytes == 6 * GIB - (4 * GIB - 512 * MIB)
+
+
+def test_the_chat_model_keeps_its_bytes_when_the_vlm_fits_without_them():
+    plan = plan_steps(world(chat_model="qwen3:8b", chat_bytes=5 * GIB), RECORDING, Demand())
+    assert kinds(plan) == [LOAD_VLM]
+
+
+def test_a_stale_estimate_is_read_again_before_the_chat_model_is_evicted():
+    stale = world(free_bytes=4 * GIB, uncertain_bytes=3 * GIB, chat_model="qwen3:8b", chat_bytes=5 * GIB)
+    assert kinds(plan_steps(stale, RECORDING, Demand())) == [READ_VRAM]
+    # ...and when only a reading plus the yield could make room, the reading comes first too.
+    both = world(free_bytes=1 * GIB, uncertain_bytes=3 * GIB, chat_model="qwen3:8b", chat_bytes=3 * GIB)
+    assert kinds(plan_steps(both, RECORDING, Demand())) == [READ_VRAM]
+
+
+def test_clip_keeps_its_place_when_the_chat_models_bytes_make_room_for_an_on_demand_vlm():
+    w = world(clip_placement="gpu", free_bytes=4 * GIB, chat_model="qwen3:4b", chat_bytes=3 * GIB)
+    plan = plan_steps(w, AUTOPILOT, Demand(on_demand=1))
+    assert kinds(plan) == [YIELD_CHAT, CONFIRM_FREE, LOAD_VLM]
+    assert plan.clip_goal == Goal("gpu", "mode") and plan.steps[0].cause == "demand"
+
+
+def test_clip_and_the_chat_model_both_yield_when_neither_alone_makes_room():
+    w = world(clip_placement="gpu", free_bytes=4 * GIB + 512 * MIB, chat_model="qwen3:1.7b", chat_bytes=1536 * MIB)
+    plan = plan_steps(w, AUTOPILOT, Demand(on_demand=1))
+    assert kinds(plan) == [MOVE_CLIP_CPU, YIELD_CHAT, CONFIRM_FREE, LOAD_VLM]
+    assert plan.clip_goal == Goal("cpu", "yield")
+
+
+def test_the_chat_model_yields_for_clip_in_autopilot():
+    plan = plan_steps(world(free_bytes=800 * MIB, chat_model="qwen3:1.7b", chat_bytes=1200 * MIB), AUTOPILOT, Demand())
+    assert kinds(plan) == [YIELD_CHAT, CONFIRM_FREE, MOVE_CLIP_GPU]
+    assert plan.steps[0].short_bytes == 600 * MIB - (800 * MIB - 512 * MIB)
+
+
+def test_a_refusal_names_the_chat_model_among_what_could_yield():
+    plan = plan_steps(world(free_bytes=3 * GIB, chat_model="qwen3:1.7b", chat_bytes=GIB), RECORDING, Demand())
+    (refusal,) = plan.refusals
+    assert refusal.evictable == ("chat qwen3:1.7b",) and kinds(plan) == []
+    assert refusal.message.endswith("could yield: chat qwen3:1.7b")
+
+
+def test_without_a_gpu_the_chat_model_never_yields():
+    plan = plan_steps(world(gpu=False, free_bytes=GIB, chat_model="qwen3:8b", chat_bytes=5 * GIB), RECORDING, Demand())
+    assert kinds(plan) == [LOAD_VLM]
+
+
+def test_a_waiting_chat_load_gets_freed_bytes_confirmed_first():
+    w = world(unconfirmed_bytes=600 * MIB)
+    assert plan_steps(w, IDLE, Demand()).done
+    assert kinds(plan_steps(w, IDLE, Demand(chat_load_waiting=True))) == [CONFIRM_FREE]
+
+
+def test_the_chat_agent_gets_a_reading_once_the_mode_has_nothing_to_send():
+    w = world(uncertain_bytes=GIB)
+    plan = plan_steps(w, IDLE, Demand(chat_needs_reading=True))
+    assert kinds(plan) == [READ_VRAM] and plan.steps[0].cause == "chat"
+    assert kinds(plan_steps(w, RECORDING, Demand(chat_needs_reading=True))) == [LOAD_VLM]  # the mode first
+    down = world(uncertain_bytes=GIB, down={"vlm": "Ollama unreachable"})
+    assert kinds(plan_steps(down, RECORDING, Demand(chat_needs_reading=True))) == [READ_VRAM, LOAD_VLM]
+
+
+# --- what the gate can grant a chat model (mai.core.chat_gate) --------------------------------------------------------
+
+
+def test_grantable_is_free_less_reserve_less_the_modes_claims_plus_the_chat_models_own_bytes():
+    w = world(chat_model="qwen3:4b", chat_bytes=3 * GIB)
+    plan = plan_steps(w, RECORDING, Demand())
+    assert mode_claims_bytes(w, plan) == 6 * GIB
+    assert grantable_bytes(w, plan) == 11 * GIB - 512 * MIB - 6 * GIB + 3 * GIB
+
+
+def test_clip_on_its_way_to_the_gpu_is_claimed_too():
+    w = world()
+    assert grantable_bytes(w, plan_steps(w, AUTOPILOT, Demand())) == 11 * GIB - 512 * MIB - 600 * MIB
+
+
+def test_claims_hold_for_blocked_steps_but_not_for_refused_ones():
+    blocked = world(down={"vlm": "Ollama unreachable"})
+    assert mode_claims_bytes(blocked, plan_steps(blocked, RECORDING, Demand())) == 6 * GIB
+    refused = world(free_bytes=5 * GIB)
+    plan = plan_steps(refused, RECORDING, Demand())
+    assert plan.refusals and grantable_bytes(refused, plan) == 5 * GIB - 512 * MIB
+
+
+def test_freed_bytes_count_and_the_grantable_is_never_negative():
+    assert grantable_bytes(world(free_bytes=GIB, unconfirmed_bytes=GIB), plan_steps(world(), IDLE, Demand())) == \
+        2 * GIB - 512 * MIB
+    tiny = world(free_bytes=100 * MIB)
+    assert grantable_bytes(tiny, plan_steps(tiny, IDLE, Demand())) == 0
+
+
+def test_grantable_is_none_without_a_gpu_and_zero_without_a_reading():
+    no_gpu = world(gpu=False)
+    assert grantable_bytes(no_gpu, plan_steps(no_gpu, IDLE, Demand())) is None
+    unread = world(gpu=None, free_bytes=None)
+    assert grantable_bytes(unread, plan_steps(unread, IDLE, Demand())) == 0
 
 
 # --- what blocks a step -------------------------------------------------------------------------------------------

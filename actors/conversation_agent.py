@@ -1,0 +1,415 @@
+"""ConversationAgent ("Mai"): owns the conversation, the chat model choice and the chat adapters.
+
+A turn is a small state machine driven by messages, so the mailbox stays responsive between token batches:
+persist the user's message → (if needed) ask the coordinator what VRAM it can grant, choose a model, wait for
+the gate's grant, load → stream in batches (a 1 ms wakeup per batch, so a CancelReply can get in between) → persist the reply. Decisions come from `ChatPolicy` and `fit_to_window`; this shell only executes."""
+
+from __future__ import annotations
+
+import datetime
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from thespian.actors import WakeupMessage
+
+from actors.base import MaiActor
+from bootstrap.paths import under_state_dir
+from mai.core.chat_policy import Availability, Candidate, ChatPolicy
+from mai.core.context import fit_to_window
+from messages.base import new_request_id
+from messages.chat import ChatMessage
+from messages.conversation import (
+    CancelReply,
+    ChatGrant,
+    ChatLoaded,
+    ChatNeeds,
+    ChatUnloaded,
+    ChatYield,
+    ConversationStarted,
+    GetGrantable,
+    GetHistory,
+    Grantable,
+    History,
+    HistoryEntry,
+    ListModels,
+    ModelList,
+    ModelPinned,
+    ModelRow,
+    NewConversation,
+    ReplyChunk,
+    ReplyDone,
+    SwitchModel,
+    UserTurn,
+)
+from messages.errors import Busy, InvalidRequest, MaiError, NoModelAvailable, OperationTimeout, Reason
+from messages.events import ModelSwitched
+from messages.failure import Failure
+from messages.steps import PartHealth, StepFailed
+from messages.system import Init
+
+CHECKPOINT_EVERY_S = 0.5  # partial replies reach the store at least this often: a crash loses at most this much
+
+
+@dataclass
+class _Turn:
+    request: UserTurn
+    sender: Any
+    started: float
+    phase: str = "choose"  # choose | grant | stream
+    step_id: str = ""
+    model: Candidate | None = None
+    stream: Iterator[str] | None = None
+    message_id: int = 0
+    content: str = ""
+    seq: int = 0
+    tokens: int = 0
+    stream_started: float = 0.0
+    last_checkpoint: float = 0.0
+    cancel: threading.Event = field(default_factory=threading.Event)
+    switches: list[str] = field(default_factory=list)
+    restarted: bool = False
+    attempts: int = 0
+
+    @property
+    def deadline(self) -> float:
+        return self.started + self.request.timeout_s
+
+
+class ConversationAgent(MaiActor):
+    role = "chat"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.store: Any = None
+        self.backends: Any = None
+        self.policy: ChatPolicy | None = None
+        self.conversation_id = ""
+        self.current: Candidate | None = None
+        self.pinned: str | None = None
+        self.turn: _Turn | None = None
+        self.availability = Availability(frozenset(), None)
+        self.pending_yield: ChatYield | None = None
+
+    # --- start and reconcile --------------------------------------------------------------------------------------
+    def on_init(self, init: Init) -> None:
+        from backends.chat import ChatBackends
+        from backends.history_store import HistoryStore
+
+        cfg = init.config
+        if self.store is None:
+            self.store = HistoryStore(under_state_dir(cfg, cfg.chat.history_db))
+            interrupted = self.store.mark_interrupted(time.time())
+            self.conversation_id = self.store.current_conversation() or self.store.new_conversation(cfg.chat.system_prompt, time.time())
+            self.log.info("chat.history", conversation=self.conversation_id, interrupted_replies=interrupted)
+        chain = [Candidate.from_spec(cfg.model(key)) for key in cfg.roles[cfg.chat.role]]
+        c = cfg.chat
+        self.policy = ChatPolicy(chain, cooldown_s=c.cooldown_s, hysteresis_s=c.switch_hysteresis_s, max_retries=c.max_retries,
+                                 retry_backoff_s=c.retry_backoff_s, min_tokens_per_s=c.min_tokens_per_s)
+        self.backends = ChatBackends(cfg)
+        self._refresh_availability()
+        loaded = self.guarded("", None, self.backends.loaded) or {}
+        adopted = next((cand for cand in chain if cand.key in loaded), None)
+        if adopted is not None:  # reconcile: a model we loaded before a restart is still there
+            self.current = adopted
+            self._tell_coordinator(ModelSwitched(None, adopted.key, "found loaded after a restart"))
+            self.log.info("chat.adopted", model=adopted.key)
+
+    def _refresh_availability(self) -> None:
+        self.availability = self.backends.availability()
+        for backend, error in self.backends.last_errors.items():
+            self.log.info("chat.backend_unavailable", backend=backend, reason=error)
+        ok = bool(self.availability.reachable_backends)
+        reason = "; ".join(self.backends.last_errors.values())
+        self._tell_coordinator(PartHealth("chat", ok, "" if ok else f"no chat backend reachable: {reason}"))
+
+    def _tell_coordinator(self, message: Any) -> None:
+        if self.peers.get("coordinator") is not None:
+            self.send(self.peers["coordinator"], message)
+
+    # --- a turn -------------------------------------------------------------------------------------------------------
+    def receiveMsg_UserTurn(self, msg: UserTurn, sender: Any) -> None:
+        if self.turn is not None:
+            self.send(sender, Failure.from_error(msg.request_id, Busy("a reply is still streaming; cancel it (Ctrl-C) or wait")))
+            return
+        self.store.append(self.conversation_id, ChatMessage("user", msg.text), model=None, now=time.time())
+        self.turn = _Turn(msg, sender, time.time())
+        self.wakeupAfter(datetime.timedelta(seconds=msg.timeout_s), payload=("deadline", msg.request_id))
+        self._choose()
+
+    def _choose(self) -> None:
+        """Every turn asks the gate what it could grant, so the policy can also move *up* when VRAM was freed
+        (its hysteresis keeps the current model unless a better one fitted for a while)."""
+        turn = self.turn
+        assert turn is not None
+        turn.phase = "choose"
+        if self.current is None or turn.switches:
+            self._refresh_availability()
+        self._tell_coordinator(GetGrantable(turn.request.request_id))
+
+    def receiveMsg_Grantable(self, msg: Grantable, sender: Any) -> None:
+        turn = self.turn
+        if turn is None or turn.phase != "choose" or msg.request_id != turn.request.request_id:
+            return
+        self._choose_with(msg.grantable_bytes)
+
+    def _choose_with(self, grantable: int | None) -> None:
+        turn = self.turn
+        assert turn is not None
+        choice = self.policy.choose(grantable, self.availability, time.time(),
+                                    current=self.current.key if self.current else None, pinned=self.pinned)
+        if choice.key is None:
+            why = "; ".join(f"{key}: {reason}" for key, reason in choice.rejected)
+            self._fail_turn(NoModelAvailable(f"no chat model can run now: {choice.reason}" + (f" ({why})" if why else "")))
+            return
+        candidate = self.policy.candidate(choice.key)
+        if self.current is not None and candidate.key == self.current.key:
+            turn.model = candidate
+            self._start_stream()
+            return
+        turn.phase, turn.model, turn.step_id = "grant", candidate, new_request_id()
+        self.log.info("chat.choose", model=candidate.key, reason=choice.reason, grantable=grantable)
+        self._tell_coordinator(ChatNeeds(turn.step_id, candidate.key, candidate.footprint_bytes, timeout_s=max(1.0, turn.deadline - time.time())))
+
+    def receiveMsg_Failure(self, msg: Failure, sender: Any) -> None:
+        turn = self.turn
+        if turn is None or turn.phase != "grant" or msg.request_id != turn.step_id:
+            return
+        if msg.reason is Reason.INSUFFICIENT_VRAM and turn.attempts < len(self.policy.chain):
+            turn.attempts += 1
+            self.policy.record_failure(turn.model.key, Reason.INSUFFICIENT_VRAM.value, time.time())
+            free = dict(msg.details).get("free_bytes")
+            self._choose_with(int(free) if free and free.isdigit() else 0)
+            return
+        self._fail_turn(msg.to_error())
+
+    def receiveMsg_ChatGrant(self, msg: ChatGrant, sender: Any) -> None:
+        turn = self.turn
+        if turn is None or turn.phase != "grant" or msg.request_id != turn.step_id:
+            self.send(sender, StepFailed(msg.step_id, Failure(msg.step_id, Reason.CANCELLED, "the turn that asked for this grant is over")))
+            return
+        previous, candidate = self.current, turn.model
+        began = time.monotonic()
+        try:
+            if previous is not None and previous.key != candidate.key:
+                self.backends.unload(previous)
+                self.current = None
+            vram = self.backends.load(candidate)
+        except MaiError as err:
+            self.send(sender, StepFailed(msg.step_id, Failure.from_error(msg.step_id, err)))
+            self._model_failed(candidate, err)
+            return
+        self.send(sender, ChatLoaded(msg.step_id, candidate.key, vram, time.monotonic() - began))
+        if vram:
+            self.policy.learn_footprint(candidate.key, vram)
+        self._switched(previous, candidate, "chosen for the resources available" if previous is None else f"switched from {previous.key}")
+        self._start_stream()
+
+    def _switched(self, previous: Candidate | None, candidate: Candidate, reason: str) -> None:
+        self.current = candidate
+        if previous is not None and previous.key != candidate.key and self.turn is not None:
+            self.turn.switches.append(f"{previous.key} → {candidate.key}: {reason}")
+        self.log.info("chat.model", model=candidate.key, previous=previous.key if previous else "", reason=reason)
+        self._tell_coordinator(ModelSwitched(previous.key if previous else None, candidate.key, reason))
+
+    def _model_failed(self, candidate: Candidate, err: MaiError) -> None:
+        turn = self.turn
+        verdict = self.policy.record_failure(candidate.key, err.reason.value, time.time())
+        self.log.warning("chat.model_failed", model=candidate.key, reason=err.reason.value, error=str(err),
+                         retry_same=verdict.retry_same, delay_s=verdict.delay_s)
+        if turn is None:
+            return
+        if verdict.retry_same:
+            turn.phase = "retry"
+            self.wakeupAfter(datetime.timedelta(seconds=verdict.delay_s), payload=("retry", turn.request.request_id))
+        else:
+            if self.current is not None and self.current.key == candidate.key:
+                self.current = None  # the next choice skips it while it cools down
+            turn.switches.append(f"{candidate.key} failed ({err.reason.value}); choosing another")
+            self._choose()
+
+    # --- streaming ------------------------------------------------------------------------------------------------------
+    def _start_stream(self) -> None:
+        turn = self.turn
+        assert turn is not None and turn.model is not None
+        candidate = turn.model
+        messages = self.store.messages_for_model(self.conversation_id)
+        c = self.config.chat
+        plan = fit_to_window(messages, candidate.context_window, self.backends.token_counter(candidate),
+                             reserve_for_reply=min(c.max_tokens, candidate.context_window // 4),
+                             compress_at_fraction=c.compress_at_fraction)
+        if plan.dropped or plan.compressed:
+            self.log.info("chat.context_trimmed", model=candidate.key, dropped=plan.dropped, tokens=plan.tokens)
+        if turn.message_id == 0:
+            turn.message_id = self.store.begin_reply(self.conversation_id, candidate.key, time.time())
+        if turn.seq > 0:  # a restart after a failure mid-reply: the new model answers from the start
+            turn.restarted = True
+            self.send(turn.sender, ReplyChunk(turn.request.request_id, turn.seq, "", restart=True))
+            turn.seq += 1
+            turn.content = ""
+        turn.phase = "stream"
+        turn.stream = iter(self.backends.stream(candidate, plan.messages, turn.cancel))
+        turn.stream_started = turn.last_checkpoint = time.monotonic()
+        turn.tokens = 0
+        self._pump_later(turn.request.request_id)
+
+    def _pump_later(self, turn_id: str) -> None:
+        # Not self.send: Thespian's TCP transport delivers a message to oneself before reading any socket, so
+        # a self-sent pump would starve the mailbox and a CancelReply would wait for the whole reply.
+        self.wakeupAfter(datetime.timedelta(milliseconds=1), payload=("pump", turn_id))
+
+    def _pump(self, turn_id: str) -> None:
+        turn = self.turn
+        if turn is None or turn.phase != "stream" or turn_id != turn.request.request_id:
+            return
+        if turn.cancel.is_set():
+            self._finish(status="cancelled")
+            return
+        batch_until = time.monotonic() + self.config.chat.token_batch_ms / 1000
+        parts: list[str] = []
+        try:
+            while time.monotonic() < batch_until:
+                parts.append(next(turn.stream))
+                turn.tokens += 1
+        except StopIteration:
+            self._flush(parts)
+            self._finish(status="complete")
+            return
+        except MaiError as err:
+            self._flush(parts)
+            turn.stream = None
+            self._model_failed(turn.model, err)
+            return
+        self._flush(parts)
+        self._pump_later(turn_id)  # next batch, after anything already waiting in the mailbox (a cancel)
+
+    def _flush(self, parts: list[str]) -> None:
+        turn = self.turn
+        text = "".join(parts)
+        if not text:
+            return
+        turn.content += text
+        self.send(turn.sender, ReplyChunk(turn.request.request_id, turn.seq, text))
+        turn.seq += 1
+        if time.monotonic() - turn.last_checkpoint >= CHECKPOINT_EVERY_S:
+            self.store.update_reply(turn.message_id, turn.content, status="pending")
+            turn.last_checkpoint = time.monotonic()
+
+    def _finish(self, status: str) -> None:
+        turn = self.turn
+        self.turn = None
+        if turn.stream is not None and hasattr(turn.stream, "close"):
+            turn.stream.close()
+        elapsed = max(1e-6, time.monotonic() - turn.stream_started)
+        speed = turn.tokens / elapsed if status == "complete" else None
+        stored = "complete" if status == "complete" else "interrupted"
+        self.store.update_reply(turn.message_id, turn.content, status=stored, model=turn.model.key)
+        if status == "complete":
+            self.policy.record_success(turn.model.key, time.time(), speed)
+        self.log.info("chat.reply", model=turn.model.key, status=status, chars=len(turn.content),
+                      tokens_per_s=round(speed, 1) if speed else None, switches=len(turn.switches))
+        self.send(turn.sender, ReplyDone(turn.request.request_id, turn.model.key, turn.content, status, speed, tuple(turn.switches)))
+        self._after_turn()
+
+    def _fail_turn(self, err: MaiError) -> None:
+        turn = self.turn
+        self.turn = None
+        if turn is None:
+            return
+        turn.cancel.set()
+        if turn.message_id:
+            self.store.update_reply(turn.message_id, turn.content, status="failed")
+        self.log.error("chat.turn_failed", reason=err.reason.value, error=str(err))
+        self.send(turn.sender, Failure.from_error(turn.request.request_id, err))
+        self._after_turn()
+
+    def _after_turn(self) -> None:
+        if self.pending_yield is not None:
+            msg, self.pending_yield = self.pending_yield, None
+            self.receiveMsg_ChatYield(msg, None)
+
+    def receiveMsg_CancelReply(self, msg: CancelReply, sender: Any) -> None:
+        if self.turn is not None and self.turn.request.request_id == msg.request_id:
+            self.turn.cancel.set()
+            if self.turn.phase != "stream":
+                self._fail_turn(MaiError("cancelled before the reply started", reason=Reason.CANCELLED))
+
+    def receiveMsg_WakeupMessage(self, msg: WakeupMessage, sender: Any) -> None:
+        kind, turn_id = msg.payload
+        if kind == "pump":
+            self._pump(turn_id)
+            return
+        turn = self.turn
+        if turn is None or turn.request.request_id != turn_id:
+            return
+        if kind == "deadline":
+            self._fail_turn(OperationTimeout(f"no complete reply within {turn.request.timeout_s:.0f} s"))
+        elif kind == "retry" and turn.phase == "retry":
+            if self.current is not None and turn.model.key == self.current.key:
+                self._start_stream()
+            else:
+                self._choose()
+
+    # --- resources ------------------------------------------------------------------------------------------------------
+    def receiveMsg_ChatYield(self, msg: ChatYield, sender: Any) -> None:
+        """The mode needs VRAM our chat model holds: unload it now (or after the reply in progress)."""
+        if self.current is None:
+            return
+        if self.turn is not None:
+            self.pending_yield = msg
+            return
+        previous, self.current = self.current, None
+        try:
+            self.backends.unload(previous)
+        except MaiError as err:
+            self.log.warning("chat.yield_failed", model=previous.key, error=str(err))
+        self.log.info("chat.yielded", model=previous.key, needed_bytes=msg.needed_bytes, reason=msg.reason)
+        self._tell_coordinator(ChatUnloaded("yield", previous.key))
+
+    # --- queries -----------------------------------------------------------------------------------------------------------
+    def receiveMsg_GetHistory(self, msg: GetHistory, sender: Any) -> None:
+        def answer() -> None:
+            rows = self.store.history(self.conversation_id)
+            if msg.limit:
+                rows = rows[-msg.limit:]
+            entries = tuple(HistoryEntry(r.role, r.content, r.model, r.status, r.created_at) for r in rows)
+            self.send(sender, History(msg.request_id, self.conversation_id, entries))
+
+        self.guarded(msg.request_id, sender, answer)
+
+    def receiveMsg_NewConversation(self, msg: NewConversation, sender: Any) -> None:
+        def start() -> None:
+            self.conversation_id = self.store.new_conversation(self.config.chat.system_prompt, time.time())
+            self.send(sender, ConversationStarted(msg.request_id, self.conversation_id))
+
+        self.guarded(msg.request_id, sender, start)
+
+    def receiveMsg_ListModels(self, msg: ListModels, sender: Any) -> None:
+        def answer() -> None:
+            self._refresh_availability()
+            loaded = self.backends.loaded()
+            choice = self.policy.choose(None, self.availability, time.time(),
+                                        current=self.current.key if self.current else None, pinned=self.pinned)
+            why = dict(choice.rejected)
+            rows = []
+            for cand in self.policy.chain:
+                spec = self.config.model(cand.key)
+                available = cand.backend in self.availability.reachable_backends and (
+                    self.availability.installed is None or cand.key in self.availability.installed)
+                rows.append(ModelRow(cand.key, cand.backend, cand.tier, cand.context_window, cand.footprint_bytes,
+                                     cand.footprint_bytes != spec.footprint_mb * 2**20, available, cand.key in loaded,
+                                     self.current is not None and self.current.key == cand.key, self.pinned == cand.key,
+                                     "" if cand.key == choice.key else why.get(cand.key, "")))
+            self.send(sender, ModelList(msg.request_id, tuple(rows), self.current.key if self.current else None, self.pinned))
+
+        self.guarded(msg.request_id, sender, answer)
+
+    def receiveMsg_SwitchModel(self, msg: SwitchModel, sender: Any) -> None:
+        if msg.model is not None and msg.model not in {c.key for c in self.policy.chain}:
+            known = ", ".join(c.key for c in self.policy.chain)
+            self.send(sender, Failure.from_error(msg.request_id, InvalidRequest(f"unknown chat model {msg.model!r}; known: {known}")))
+            return
+        self.pinned = msg.model
+        self.log.info("chat.pinned", model=msg.model or "", reason="manual switch" if msg.model else "pin cleared")
+        self.send(sender, ModelPinned(msg.request_id, msg.model, self.current.key if self.current else None))

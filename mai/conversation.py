@@ -1,0 +1,137 @@
+"""`mai.Mai`: talk to the conversation agent from Python, sync or async.
+
+    m = mai.Mai()
+    print(m.process_message("hello"))              # the whole reply
+    for text in m.stream_message("tell me more"):  # or batch by batch
+        print(text, end="", flush=True)
+    m.get_conversation_history(); m.get_status(); m.shutdown()
+
+The agent picks and switches the chat model by itself; the history lives in the agent's SQLite store, so it
+survives a crash of the agent or of the whole system."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from messages.base import new_request_id
+from messages.conversation import (
+    CancelReply,
+    ConversationStarted,
+    GetHistory,
+    History,
+    ListModels,
+    ModelList,
+    ModelPinned,
+    NewConversation,
+    ReplyChunk,
+    ReplyDone,
+    SwitchModel,
+    UserTurn,
+)
+from messages.errors import OperationTimeout
+from messages.failure import Failure
+
+
+def stream_turn(client: Any, text: str, timeout_s: float, *, on_restart: Callable[[], None] | None = None) -> Iterator[str | ReplyDone]:
+    """Send one user turn and yield the reply's text batches, then the ReplyDone. Closing the generator early
+    (or Ctrl-C) cancels the reply; the session and the history stay intact."""
+    request = UserTurn(new_request_id(), text, timeout_s)
+    agent = client._address("chat")
+    with client._asys.private() as ctx:
+        ctx.tell(agent, request)
+        deadline = time.monotonic() + timeout_s + 5
+        finished = False
+        try:
+            while True:
+                message = ctx.listen(max(0.05, deadline - time.monotonic()))
+                if message is None:
+                    raise OperationTimeout(f"no reply from the conversation agent within {timeout_s:.0f} s")
+                if getattr(message, "request_id", None) != request.request_id:
+                    continue
+                if isinstance(message, Failure):
+                    finished = True
+                    raise message.to_error()
+                if isinstance(message, ReplyChunk):
+                    if message.restart and on_restart is not None:
+                        on_restart()
+                    if message.text:
+                        yield message.text
+                elif isinstance(message, ReplyDone):
+                    finished = True
+                    yield message
+                    return
+        finally:
+            if not finished:  # cancelled by the caller: tell the agent, wait briefly for it to close the turn
+                ctx.tell(agent, CancelReply(request.request_id))
+                end = time.monotonic() + 5
+                while time.monotonic() < end:
+                    message = ctx.listen(0.5)
+                    if isinstance(message, (ReplyDone, Failure)) and message.request_id == request.request_id:
+                        break
+
+
+class Mai:
+    def __init__(self, config_path: str | Path | None = None, *, config: Any = None, reply_timeout_s: float | None = None) -> None:
+        from mai.client import connect
+
+        self.client = connect(config_path, config=config)
+        self.reply_timeout_s = reply_timeout_s or self.client.config.chat.reply_timeout_s
+        self.last_reply: ReplyDone | None = None
+
+    def stream_message(self, text: str) -> Iterator[str]:
+        for item in stream_turn(self.client, text, self.reply_timeout_s):
+            if isinstance(item, ReplyDone):
+                self.last_reply = item
+            else:
+                yield item
+
+    def process_message(self, text: str) -> str:
+        """Send a message and return Mai's whole reply (the model is chosen and switched silently)."""
+        for _ in self.stream_message(text):
+            pass
+        return self.last_reply.content if self.last_reply else ""
+
+    def get_conversation_history(self, limit: int | None = None) -> list[dict]:
+        reply: History = self.client._ask("chat", GetHistory(new_request_id(), limit), self.client.config.system.ask_timeout_s)
+        return [{"role": e.role, "content": e.content, "model": e.model, "status": e.status, "created_at": e.created_at}
+                for e in reply.entries]
+
+    def new_conversation(self) -> str:
+        reply: ConversationStarted = self.client._ask("chat", NewConversation(new_request_id()), self.client.config.system.ask_timeout_s)
+        return reply.conversation_id
+
+    def list_models(self) -> ModelList:
+        return self.client._ask("chat", ListModels(new_request_id()), max(10.0, self.client.config.system.ask_timeout_s))
+
+    def switch_model(self, model: str | None) -> ModelPinned:
+        """Pin a chat model (None: back to automatic choice)."""
+        return self.client._ask("chat", SwitchModel(new_request_id(), model), self.client.config.system.ask_timeout_s)
+
+    def get_status(self) -> dict:
+        return self.client.get_status().to_dict()
+
+    def shutdown(self) -> None:
+        """Close this connection (Mai itself keeps running; `mai stop` stops it)."""
+        self.client.close()
+
+    # --- async forms: the same calls off the event loop's thread ------------------------------------------------------
+    async def aprocess_message(self, text: str) -> str:
+        return await asyncio.to_thread(self.process_message, text)
+
+    async def aget_conversation_history(self, limit: int | None = None) -> list[dict]:
+        return await asyncio.to_thread(self.get_conversation_history, limit)
+
+    async def aget_status(self) -> dict:
+        return await asyncio.to_thread(self.get_status)
+
+    async def ashutdown(self) -> None:
+        await asyncio.to_thread(self.shutdown)
+
+    def __enter__(self) -> "Mai":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
