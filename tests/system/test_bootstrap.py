@@ -35,14 +35,14 @@ def test_status_answers_with_every_actor_and_the_config(system):
     data = wait_for(all_answer, timeout_s=60)
     assert data["running"] is True and data["version"]
     roles = {a["role"]: a for a in data["actors"]}
-    assert set(roles) == {"sampler", "vlm", "clip", "coordinator"}
+    assert set(roles) == {"sampler", "vlm", "clip", "chat", "coordinator"}
     assert data["config"]["system"]["admin_port"] == system.config.system.admin_port
     assert data["uptime_s"] >= 0
 
 
 def test_every_listening_socket_is_on_loopback(system):
     pids = _system_pids(system.config.system.admin_port)
-    assert len(pids) >= 6  # admin, logger, supervisor and its children
+    assert len(pids) >= 8  # admin, logger, supervisor and its five children
     listening = [c for c in psutil.net_connections("tcp") if c.pid in pids and c.status == psutil.CONN_LISTEN]
     assert listening, "the system has listening sockets"
     assert {c.laddr.ip for c in listening} == {"127.0.0.1"}, listening

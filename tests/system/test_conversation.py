@@ -4,6 +4,7 @@ one simulated GPU ledger. The doubles' replies are derived from the whole histor
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -61,6 +62,16 @@ def test_replies_carry_the_whole_history_and_survive_a_model_switch(world):
         assert [h["model"] for h in history if h["role"] == "assistant"] == [BIG, BIG, SMALL]
         listing = m.list_models()
         assert listing.pinned == SMALL and any(r.key == SMALL and r.current and r.loaded for r in listing.rows)
+        cli = system.cli("models", "--json")
+        assert cli.returncode == 0, cli.stderr
+        rows = {row["key"]: row for row in json.loads(cli.stdout)["models"]}
+        assert rows[SMALL]["current"] and rows[SMALL]["pinned"] and rows[SMALL]["loaded"]
+        assert not rows["llama3.2:3b"]["current"]
+        switched = system.cli("switch", "auto")
+        assert switched.returncode == 0 and "automatic again" in switched.stdout
+        assert m.list_models().pinned is None
+        unknown = system.cli("switch", "gpt-17")
+        assert unknown.returncode == 1 and "unknown chat model 'gpt-17'" in unknown.stderr
 
 
 def test_a_failing_model_is_replaced_silently_and_the_reply_arrives(world):
