@@ -225,7 +225,7 @@ class ConversationAgent(MaiActor):
             self.wakeupAfter(datetime.timedelta(seconds=verdict.delay_s), payload=("retry", turn.request.request_id))
         else:
             if self.current is not None and self.current.key == candidate.key:
-                self.current = None  # the next choice skips it while it cools down
+                self._drop_current(f"failed: {err.reason.value}")  # the next choice skips it while it cools down
             turn.switches.append(f"{candidate.key} failed ({err.reason.value}); choosing another")
             self._choose()
 
@@ -353,19 +353,25 @@ class ConversationAgent(MaiActor):
 
     # --- resources ------------------------------------------------------------------------------------------------------
     def receiveMsg_ChatYield(self, msg: ChatYield, sender: Any) -> None:
-        """The mode needs VRAM our chat model holds: unload it now (or after the reply in progress)."""
-        if self.current is None:
-            return
-        if self.turn is not None:
+        """The mode needs VRAM our chat model holds: unload it now, or right after the reply that is streaming.
+        Always answered, even with nothing loaded, so the coordinator never waits on us for nothing."""
+        if self.turn is not None and self.turn.phase == "stream":
             self.pending_yield = msg
             return
+        if self.current is not None:
+            self._drop_current(f"yield: {msg.reason}")  # its ChatUnloaded ends the coordinator's yield step
+        else:
+            self._tell_coordinator(ChatUnloaded("yield", ""))
+
+    def _drop_current(self, reason: str) -> None:
+        """Unload the current chat model (best effort) and say so: the coordinator counts what chat holds."""
         previous, self.current = self.current, None
         try:
             self.backends.unload(previous)
         except MaiError as err:
-            self.log.warning("chat.yield_failed", model=previous.key, error=str(err))
-        self.log.info("chat.yielded", model=previous.key, needed_bytes=msg.needed_bytes, reason=msg.reason)
-        self._tell_coordinator(ChatUnloaded("yield", previous.key))
+            self.log.warning("chat.unload_failed", model=previous.key, error=str(err))
+        self.log.info("chat.unloaded", model=previous.key, reason=reason)
+        self._tell_coordinator(ChatUnloaded("dropped", previous.key))
 
     # --- queries -----------------------------------------------------------------------------------------------------------
     def receiveMsg_GetHistory(self, msg: GetHistory, sender: Any) -> None:
