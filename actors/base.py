@@ -27,6 +27,14 @@ class MaiActor(ActorTypeDispatcher):
         self.peers: dict[str, Any] = {}
         self.started_at = time.time()
         self.log = get_logger(f"mai.{self.role}")
+        self._before_init: list[tuple[Any, Any]] = []
+
+    def receiveMessage(self, msg: Any, sender: Any) -> Any:
+        # Peers start in any order: a message of ours that overtakes this actor's Init waits for it, then runs.
+        if self.config is None and type(msg).__module__.startswith("messages.") and not isinstance(msg, (Init, Ping)):
+            self._before_init.append((msg, sender))
+            return None
+        return super().receiveMessage(msg, sender)
 
     # --- wiring -------------------------------------------------------------------------------------------
     def receiveMsg_Init(self, msg: Init, sender: Any) -> None:
@@ -37,6 +45,9 @@ class MaiActor(ActorTypeDispatcher):
             configure_structlog(msg.config.logging.level)
         self.log.info("actor.init", role=self.role, pid=os.getpid(), restart_count=msg.restart_count)
         self.guarded("", sender, self.on_init, msg)
+        early, self._before_init = self._before_init, []
+        for message, message_sender in early:
+            super().receiveMessage(message, message_sender)
 
     def receiveMsg_Peers(self, msg: Peers, sender: Any) -> None:
         self.peers = dict(msg.peers)
@@ -45,11 +56,14 @@ class MaiActor(ActorTypeDispatcher):
     def receiveMsg_Ping(self, msg: Ping, sender: Any) -> None:
         self.send(sender, Pong(msg.request_id, self.role, os.getpid(), self.started_at))
 
+    def receiveMsg_ActorExitRequest(self, msg: Any, sender: Any) -> None:
+        self.log.info("actor.exit", role=self.role)
+
     def receiveUnrecognizedMessage(self, msg: Any, sender: Any) -> None:
         # Thespian drops unknown types silently; say so, and answer requests with a typed failure.
         self.log.warning("message.unrecognized", role=self.role, message_type=type(msg).__name__)
         request_id = getattr(msg, "request_id", None)
-        if isinstance(request_id, str):
+        if isinstance(request_id, str) and not isinstance(msg, Failure):  # never answer an answer: no ping-pong
             self.send(sender, Failure(request_id, "invalid_request", f"{self.role} does not accept {type(msg).__name__}"))
 
     # --- hooks ----------------------------------------------------------------------------------------------

@@ -104,3 +104,15 @@ def test_stop_leaves_no_process_and_frees_the_port(tmp_path):
     wait_for(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids), timeout_s=15)
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_actors_start_in_any_order_without_errors_or_message_storms(system):
+    """Peers' first messages can overtake an actor's Init; they must wait for it, not fail (and a failure
+    reply must never be answered with another one)."""
+    import json as _json
+    from pathlib import Path
+
+    log = Path(system.config.system.state_dir) / "mai.log"
+    events = [_json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    failed = [e for e in events if e["event"] in ("handler.failed", "message.unrecognized")]
+    assert failed == [], failed[:3]
