@@ -99,7 +99,10 @@ class ModeCoordinator(MaiActor):
     def _execute(self, effect: Any) -> None:
         if isinstance(effect, SendStep):
             target = self.peers.get(effect.target)
-            self.send(target, effect.message)
+            if target is None:  # that actor is being restarted: the step times out in the core and is re-planned
+                self.log.warning("step.no_peer", target=effect.target, step=type(effect.message).__name__)
+            else:
+                self.send(target, effect.message)
         elif isinstance(effect, Reply):
             self.send(effect.to, effect.message)
         elif isinstance(effect, Publish):

@@ -7,6 +7,7 @@ and raises a `MaiError` subclass whose `.reason` says why.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ from messages.requests import (
     VlmReady,
 )
 from messages.status import Status
-from messages.system import Ping, Pong, SystemInfo
+from messages.system import GetSystemInfo, Ping, Pong, SystemInfo
 
 _SLACK_S = 2.0  # the actor answers at its own deadline; wait a little longer than that for the reply
 
@@ -86,7 +87,7 @@ class MaiClient:
 
     def system_info(self, timeout_s: float | None = None) -> SystemInfo:
         timeout_s = timeout_s or self.config.system.ask_timeout_s
-        info = self._ask_address(self._supervisor, _get_system_info(), timeout_s)
+        info = self._ask_address(self._supervisor, GetSystemInfo(new_request_id()), timeout_s)
         with self._lock:
             self._info = info
         return info
@@ -123,7 +124,7 @@ class MaiClient:
         """A lease on the VLM: loaded on demand, never unloaded while held. Use as a context manager; call
         Ollama directly at `lease.host` with `lease.model` and `options={"num_ctx": lease.num_ctx}`."""
         ttl = ttl_s if ttl_s is not None else self.config.ollama.lease_ttl_s
-        message = AcquireLease(new_request_id(), holder or f"pid-{_pid()}", ttl, timeout_s)
+        message = AcquireLease(new_request_id(), holder or f"pid-{os.getpid()}", ttl, timeout_s)
         granted: LeaseGranted = self._ask("coordinator", message, timeout_s + _SLACK_S)
         return Lease(self, granted)
 
@@ -264,18 +265,6 @@ class Lease:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
-
-
-def _get_system_info() -> Any:
-    from messages.system import GetSystemInfo
-
-    return GetSystemInfo(new_request_id())
-
-
-def _pid() -> int:
-    import os
-
-    return os.getpid()
 
 
 def connect(config_path: str | Path | None = None, *, config: Any = None, timeout_s: float | None = None) -> MaiClient:

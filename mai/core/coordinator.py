@@ -15,7 +15,7 @@ mode's own steps go first; when a step of the mode needs the bytes the chat mode
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping, Union
 
 from mai.core.chat_gate import CHAT_LOAD, CHAT_UNLOAD, chat_refusal, grantable_bytes

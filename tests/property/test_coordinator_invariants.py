@@ -24,7 +24,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from mai.core.coordinator import CoordinatorSettings, Log, ModePolicy, Publish, Reply, SendStep
 from mai.core.plan import VLM_STATES
-from messages.conversation import ChatGrant, ChatNeeds, ChatUnloaded, ChatYield, Grantable
+from messages.conversation import ChatGrant, ChatUnloaded, ChatYield, Grantable
 from messages.errors import Reason
 from messages.events import IdleUnloaded, ModeChanged, PlanRefused, ResourceChanged
 from messages.failure import Failure

@@ -73,7 +73,6 @@ def test_killed_child_is_restarted_by_the_supervisor(system):
 
 def test_start_refuses_a_port_held_by_another_program(tmp_path):
     config = write_config(tmp_path)
-    port = json.loads(mai(config, "status", "--json").stdout or "{}").get("port")  # not running: status says so
     from config import load_config
 
     cfg = load_config(config, env={})
@@ -83,7 +82,8 @@ def test_start_refuses_a_port_held_by_another_program(tmp_path):
         result = mai(config, "start")
     assert result.returncode == 1
     assert "not a Thespian actor system" in (result.stdout + result.stderr)
-    assert port is None
+    with socket.socket() as probe:  # no admin was started behind the squatter
+        assert probe.connect_ex(("127.0.0.1", cfg.system.admin_port)) != 0
 
 
 def test_status_and_stop_when_not_running(tmp_path):
