@@ -1,0 +1,1 @@
+"""Benchmarks and the trace simulator: see bench/README.md."""
