@@ -53,7 +53,7 @@ from messages.steps import (
     VramRecovered,
     WaitVramFree,
 )
-from tests.sim_world import GIB, MIB, Delivery, SimWorld, Timings
+from mai.sim.world import GIB, MIB, Delivery, SimWorld, Timings
 
 MODES = ("autopilot", "recording", "idle")
 EPS = 1e-6

@@ -1,4 +1,4 @@
-"""The coordinator core, behaviour by behaviour (DESIGN §3-5). Most scenarios run in `tests.sim_world`: a
+"""The coordinator core, behaviour by behaviour (DESIGN §3-5). Most scenarios run in `mai.sim.world`: a
 simulated GPU, Ollama, CLIP mover and sampler in virtual time, so each test reads as a short story."""
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ from messages.steps import (
     VramReading,
     WaitVramFree,
 )
-from tests.sim_world import DEFAULT_CHAT_MODELS, GIB, MIB, SimWorld, Timings
+from mai.sim.world import DEFAULT_CHAT_MODELS, GIB, MIB, SimWorld, Timings
 
 MODEL = "qwen2.5vl:7b"
 HOST = "http://127.0.0.1:11434"
