@@ -35,7 +35,10 @@ def check_number(
     value = getattr(obj, field)
     if value is None and optional:
         return
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    try:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    except OverflowError:  # an int too large for a float is no finite number either
+        ok = False
     ok = ok and (minimum is None or value >= minimum) and (maximum is None or value <= maximum)
     if not ok:
         bounds = f"a finite number >= {minimum}" if minimum is not None else "a finite number"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from messages.base import check_int, check_number, check_text, invalid
+from messages.base import check_instance, check_int, check_number, check_text, invalid
 
 
 @dataclass(frozen=True)
@@ -150,6 +150,7 @@ class ChatNeeds:
         check_text(self, "request_id")
         check_text(self, "model")
         check_int(self, "needed_bytes")
+        check_instance(self, "unload", bool)
         check_number(self, "timeout_s", minimum=0.001)
 
 

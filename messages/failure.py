@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from messages.base import check_text
+from messages.base import check_text, invalid
 from messages.errors import MaiError, Reason, error_for
 
 
@@ -17,9 +17,16 @@ class Failure:
 
     def __post_init__(self) -> None:
         check_text(self, "request_id", allow_empty=True)
-        if not isinstance(self.reason, Reason):
+        if not isinstance(self.reason, Reason):  # the reason's wire string ("timeout") is accepted too
+            if self.reason not in {r.value for r in Reason}:
+                raise invalid("Failure", "reason", self.reason, "one of " + ", ".join(r.value for r in Reason))
             object.__setattr__(self, "reason", Reason(self.reason))
         check_text(self, "message")
+        if not isinstance(self.details, tuple) or not all(
+            isinstance(pair, tuple) and len(pair) == 2 and all(isinstance(part, str) for part in pair)
+            for pair in self.details
+        ):
+            raise invalid("Failure", "details", self.details, "a tuple of (key, value) string pairs")
 
     @classmethod
     def from_error(cls, request_id: str, err: BaseException) -> "Failure":

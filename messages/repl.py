@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from messages.base import check_choice, check_number, check_text
+from messages.base import check_choice, check_instance, check_number, check_text
 
 OUTPUT_KINDS = ("chunk", "restart", "info", "error", "done")
 
@@ -36,6 +36,7 @@ class SessionOpened:
     heartbeat_s: float  # ping the actor at least this often, or it ends the session as abandoned
 
     def __post_init__(self) -> None:
+        check_text(self, "request_id")
         check_text(self, "session_id")
         check_number(self, "heartbeat_s", minimum=0.01)
 
@@ -77,6 +78,7 @@ class TerminalOutput:
         check_text(self, "request_id")
         check_choice(self, "kind", OUTPUT_KINDS)
         check_text(self, "text", allow_empty=True)
+        check_instance(self, "data", dict)
 
 
 @dataclass(frozen=True)
@@ -97,4 +99,5 @@ class SessionClosed:
     reason: str
 
     def __post_init__(self) -> None:
+        check_text(self, "session_id")
         check_text(self, "reason")

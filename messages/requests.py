@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from messages.base import check_choice, check_number, check_text, invalid
+from messages.base import check_choice, check_instance, check_number, check_text, invalid
 
 MODE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 CLIP_PLACEMENTS = ("cpu", "gpu")
@@ -31,6 +31,7 @@ class SetMode:
         check_text(self, "request_id")
         object.__setattr__(self, "mode", self.mode.lower() if isinstance(self.mode, str) else self.mode)
         check_mode_name(self, "mode")
+        check_instance(self, "wait", bool)
         check_number(self, "timeout_s", minimum=0.001)
 
 
@@ -59,6 +60,7 @@ class EnsureVlm:
 
     def __post_init__(self) -> None:
         check_text(self, "request_id")
+        check_instance(self, "loaded", bool)
         check_number(self, "timeout_s", minimum=0.001)
 
 
@@ -182,14 +184,18 @@ class EmbedImages:
         check_text(self, "request_id")
         if not isinstance(self.paths, tuple) or not all(isinstance(p, str) and p for p in self.paths):
             raise invalid("EmbedImages", "paths", self.paths, "a tuple of non-empty path strings")
+        if self.shm_name is not None:
+            check_text(self, "shm_name", max_len=255)
         if (self.shm_name is None) != (self.shm_shape is None):
             raise invalid("EmbedImages", "shm_shape", self.shm_shape, "given together with shm_name")
         if bool(self.paths) == (self.shm_name is not None):
             raise invalid("EmbedImages", "paths", self.paths, "either paths or a shared-memory block, not both")
-        if self.shm_shape is not None and (
-            len(self.shm_shape) != 4 or self.shm_shape[3] != 3 or min(self.shm_shape) < 1
+        shape = self.shm_shape
+        if shape is not None and not (
+            isinstance(shape, tuple) and len(shape) == 4
+            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in shape) and shape[3] == 3
         ):
-            raise invalid("EmbedImages", "shm_shape", self.shm_shape, "(n, height, width, 3) with positive sizes")
+            raise invalid("EmbedImages", "shm_shape", shape, "(n, height, width, 3) with positive sizes")
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from messages.base import check_choice, check_int, check_number, check_text
+from messages.base import check_choice, check_instance, check_int, check_number, check_text
 
 VRAM_SOURCES = ("nvml", "psutil", "simulated")
 
@@ -28,6 +28,7 @@ class VramSnapshot:
         check_choice(self, "source", VRAM_SOURCES)
         check_text(self, "device_name", allow_empty=True)
         check_number(self, "taken_at")
+        check_instance(self, "gpu_present", bool)
 
     @property
     def used_fraction(self) -> float:

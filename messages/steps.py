@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from messages.base import check_choice, check_int, check_number, check_text
+from messages.base import check_choice, check_instance, check_int, check_number, check_text
 from messages.failure import Failure
 from messages.resources import VramSnapshot
 
@@ -134,6 +134,8 @@ class PartHealth:
 
     def __post_init__(self) -> None:
         check_choice(self, "part", PARTS)
+        check_instance(self, "ok", bool)
+        check_text(self, "reason", allow_empty=True)
 
 
 @dataclass(frozen=True)

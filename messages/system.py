@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from messages.base import check_int, check_number, check_text
+from messages.base import check_instance, check_int, check_number, check_text
 
 
 @dataclass(frozen=True)
@@ -40,8 +40,10 @@ class Pong:
     started_at: float
 
     def __post_init__(self) -> None:
+        check_text(self, "request_id")
         check_text(self, "role")
         check_int(self, "pid", minimum=1)
+        check_number(self, "started_at")
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,11 @@ class SystemInfo:
     config: dict = field(default_factory=dict)  # MaiConfig.to_dict(): secrets redacted
 
     def __post_init__(self) -> None:
+        check_text(self, "request_id")
+        check_text(self, "version")
         check_number(self, "started_at")
+        check_int(self, "supervisor_pid", minimum=1)
+        check_instance(self, "config", dict)
 
     def address_of(self, role: str) -> Any:
         for child in self.children:

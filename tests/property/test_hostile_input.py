@@ -1,0 +1,299 @@
+"""Hostile input never gets past Mai's front doors as a traceback: messages, CLI arguments and configuration files
+built from hypothesis' worst ideas are refused with an error that names what was wrong and what is accepted.
+
+(a) every message class in `messages/`: a bad field value raises `InvalidRequest` naming that field, nothing
+    else; a class that validates at all validates every typed field.
+(c) `mai.cli.main` with random argv: an exit code, a message, never a traceback (nothing is started).
+(d) `config.load_config` with random YAML documents and environment overrides: `ConfigError` naming the dotted
+    path, never another exception.
+(b), hostile messages sent to the running actors, is `tests/system/test_hostile_messages.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import io
+import pkgutil
+import types
+import typing
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, assume, example, given, settings, strategies as st
+
+import messages
+from config import ConfigError, load_config
+from messages.errors import InvalidRequest, MaiError, Reason
+from messages.resources import VramSnapshot
+from messages.failure import Failure
+from messages.conversation import HistoryEntry, ModelRow
+from messages.status import ClipStatus, VlmStatus
+from messages.system import ChildInfo
+
+# --- (a) messages -----------------------------------------------------------------------------------------------
+
+
+def _message_classes() -> list[type]:
+    found = []
+    for info in pkgutil.iter_modules(messages.__path__):
+        module = importlib.import_module(f"messages.{info.name}")
+        for _, cls in inspect.getmembers(module, inspect.isclass):
+            if cls.__module__ == module.__name__ and dataclasses.is_dataclass(cls):
+                found.append(cls)
+    return sorted(found, key=lambda c: c.__name__)
+
+
+MESSAGE_CLASSES = _message_classes()
+SNAPSHOT = VramSnapshot(8 * 2**30, 2**30, 7 * 2**30, "simulated", "Simulated GPU", 1_700_000_000.0)
+FAILURE = Failure("r1", Reason.TIMEOUT, "no answer")
+
+# One valid construction per class, by keyword: the base every hostile value is swapped into.
+VALID: dict[str, dict[str, Any]] = {
+    "AcquireLease": dict(request_id="r1", holder="agent", ttl_s=60.0, timeout_s=30.0),
+    "CancelReply": dict(request_id="r1"),
+    "ChatGrant": dict(request_id="r1", step_id="s1", grantable_bytes=2**30),
+    "ChatLoaded": dict(step_id="s1", model="qwen", vram_bytes=2**30, load_s=1.5),
+    "ChatMessage": dict(role="user", content="hello"),
+    "ChatNeeds": dict(request_id="r1", model="qwen", needed_bytes=2**30, unload=False, timeout_s=60.0),
+    "ChatUnloaded": dict(step_id="s1", model="qwen"),
+    "ChatYield": dict(needed_bytes=2**30, reason="recording needs the VRAM"),
+    "ChildInfo": dict(role="vlm", address=None, restarts=0, last_exit_at=None),
+    "ClipDeviceIs": dict(request_id="r1", device="cpu", model="ViT-B-32", ready=True),
+    "ClipMoved": dict(step_id="s1", device="cpu", footprint_bytes=600 * 2**20, move_s=0.05),
+    "ClipObserved": dict(device="cpu", footprint_bytes=600 * 2**20, ready=True, model="ViT-B-32"),
+    "ClipPlaced": dict(request_id="r1", device="cpu"),
+    "ClipStatus": dict(model="ViT-B-32", device="cpu", footprint_bytes=600 * 2**20, ready=True),
+    "CloseSession": dict(reason="goodbye"),
+    "ConversationStarted": dict(request_id="r1", conversation_id="c1"),
+    "Degraded": dict(part="vlm", reason="unreachable", at=1.0),
+    "EmbedImages": dict(request_id="r1", paths=("/tmp/a.png",), shm_name=None, shm_shape=None),
+    "EmbedTexts": dict(request_id="r1", texts=("a button",)),
+    "Embeddings": dict(request_id="r1", vectors=[[1.0]], device="cpu", model="ViT-B-32"),
+    "EnsureVlm": dict(request_id="r1", loaded=True, timeout_s=30.0),
+    "Failure": dict(request_id="r1", reason=Reason.TIMEOUT, message="no answer", details=(("waited_s", "3"),)),
+    "GetClipDevice": dict(request_id="r1"),
+    "GetGrantable": dict(request_id="r1"),
+    "GetHistory": dict(request_id="r1", limit=10),
+    "GetStatus": dict(request_id="r1"),
+    "GetSystemInfo": dict(request_id="r1"),
+    "GetVram": dict(request_id="r1"),
+    "Grantable": dict(request_id="r1", grantable_bytes=2**30, chat_model=None),
+    "History": dict(request_id="r1", conversation_id="c1", entries=()),
+    "HistoryEntry": dict(role="user", content="hi", model=None, status="complete", created_at=1.0),
+    "IdleUnloaded": dict(model="qwen2.5vl:7b", idle_s=300.0, at=1.0),
+    "Init": dict(config=None, peers=(), restart_count=0),
+    "LeaseGranted": dict(request_id="r1", lease_id="l1", model="qwen2.5vl:7b", host="http://127.0.0.1:11434",
+                         num_ctx=8192, expires_in_s=60.0),
+    "LeaseReleased": dict(request_id="r1", lease_id="l1", held_s=1.0),
+    "ListModels": dict(request_id="r1"),
+    "LoadVlm": dict(step_id="s1", model="qwen2.5vl:7b"),
+    "ModeAccepted": dict(request_id="r1", mode="idle", plan=()),
+    "ModeChanged": dict(mode="idle", previous="autopilot", duration_s=0.1, steps=(), at=1.0),
+    "ModeReached": dict(request_id="r1", mode="idle", duration_s=0.1, steps=()),
+    "ModelList": dict(request_id="r1", rows=(), current=None, pinned=None),
+    "ModelPinned": dict(request_id="r1", model=None, current=None),
+    "ModelRow": dict(key="qwen", backend="ollama", tier=1, context_window=4096, footprint_bytes=2**30,
+                     footprint_learned=False, available=True, loaded=False, current=False, pinned=False, why_not=""),
+    "ModelSwitched": dict(previous=None, model="qwen", reason="start", at=1.0),
+    "MoveClip": dict(step_id="s1", device="gpu"),
+    "NewConversation": dict(request_id="r1"),
+    "OpenSession": dict(request_id="r1"),
+    "PartHealth": dict(part="vlm", ok=False, reason="unreachable"),
+    "Peers": dict(peers=()),
+    "Ping": dict(request_id="r1"),
+    "PlaceClip": dict(request_id="r1", device="gpu", timeout_s=30.0),
+    "PlacementChanged": dict(component="clip", state="gpu", reason="mode", at=1.0),
+    "PlanRefused": dict(step="load vlm", reason="does not fit", needed_bytes=2**30, free_bytes=0, at=1.0),
+    "Pong": dict(request_id="r1", role="vlm", pid=123, started_at=1.0),
+    "Recovered": dict(part="vlm", at=1.0),
+    "ReleaseLease": dict(request_id="r1", lease_id="l1"),
+    "Reobserve": dict(request_id="r1"),
+    "ReplyChunk": dict(request_id="r1", seq=0, text="hel", restart=False),
+    "ReplyDone": dict(request_id="r1", model="qwen", content="hello", status="complete", tokens_per_s=None,
+                      switches=()),
+    "ResourceChanged": dict(snapshot=SNAPSHOT, delta_used_bytes=2**20, at=1.0),
+    "SessionClosed": dict(session_id="s1", reason="goodbye"),
+    "SessionOpened": dict(request_id="r1", session_id="s1", heartbeat_s=5.0),
+    "SetMode": dict(request_id="r1", mode="recording", wait=False, timeout_s=30.0),
+    "Status": dict(request_id="r1", mode="idle", target_mode="idle", vram=SNAPSHOT, reserve_bytes=0,
+                   vlm=VlmStatus("qwen2.5vl:7b", "unloaded", 0, 0, 6 * 2**30, False, 0, "http://127.0.0.1:11434"),
+                   clip=ClipStatus("ViT-B-32", "cpu", 600 * 2**20, True), chat_model=None, degraded=(), plan=(),
+                   step_in_flight=None, at=1.0),
+    "StepFailed": dict(step_id="s1", failure=FAILURE),
+    "Subscribe": dict(request_id="r1", ttl_s=30.0),
+    "Subscribed": dict(request_id="r1", ttl_s=30.0),
+    "SwitchModel": dict(request_id="r1", model="qwen"),
+    "SystemInfo": dict(request_id="r1", version="0.1.0", started_at=1.0, supervisor_pid=123,
+                       children=(ChildInfo("vlm", None, 0),), config={}),
+    "TerminalInterrupt": dict(request_id="r1"),
+    "TerminalLine": dict(request_id="r1", text="hello"),
+    "TerminalOutput": dict(request_id="r1", kind="chunk", text="hel", data={}),
+    "UnloadVlm": dict(step_id="s1", model="qwen2.5vl:7b"),
+    "Unsubscribe": dict(request_id="r1"),
+    "Unsubscribed": dict(request_id="r1"),
+    "UserTurn": dict(request_id="r1", text="hello", timeout_s=60.0),
+    "VlmLoaded": dict(step_id="s1", model="qwen2.5vl:7b", size_bytes=6 * 2**30, size_vram_bytes=6 * 2**30,
+                      load_s=2.0, attempts=1),
+    "VlmObserved": dict(model="qwen2.5vl:7b", loaded=True, size_bytes=6 * 2**30, size_vram_bytes=6 * 2**30),
+    "VlmReady": dict(request_id="r1", loaded=True, model="qwen2.5vl:7b", size_vram_bytes=6 * 2**30),
+    "VlmStatus": dict(model="qwen2.5vl:7b", state="loaded", size_bytes=1, size_vram_bytes=1, footprint_bytes=1,
+                      footprint_learned=True, leases=0, host="http://127.0.0.1:11434"),
+    "VlmUnloaded": dict(step_id="s1", model="qwen2.5vl:7b", unload_s=0.5, attempts=1),
+    "VramReading": dict(request_id="r1", snapshot=SNAPSHOT, degraded_reason=None),
+    "VramRecovered": dict(step_id="s1", snapshot=SNAPSHOT, recovered_bytes=2**30, waited_s=0.5, complete=True),
+    "VramSnapshot": dict(total_bytes=8, used_bytes=1, free_bytes=7, source="nvml", device_name="GPU", taken_at=1.0,
+                         gpu_present=True),
+    "WaitVramFree": dict(step_id="s1", baseline_free_bytes=0, expected_bytes=2**30, fraction=0.75, timeout_s=5.0),
+    "WatchVram": dict(request_id="r1"),
+}
+
+# Fields checked together: a bad value in one may be reported on its partner (EmbedImages: paths XOR shared memory).
+RELATED_FIELDS = {"EmbedImages": {"paths", "shm_name", "shm_shape"}}
+
+HOSTILE = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.integers(min_value=2**1024, max_value=2**1100),  # too large for a float
+    st.integers(max_value=-1),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=40),
+    st.sampled_from(["", " ", "\x00", "é" * 3, "x" * 1_000_001]),
+    st.binary(max_size=16),
+    st.lists(st.integers(), max_size=4),
+    st.tuples(),
+    st.tuples(st.text(max_size=4)),
+    st.tuples(st.integers(), st.integers(), st.integers(), st.integers()),
+    st.tuples(st.integers(min_value=0, max_value=9), st.integers(min_value=0, max_value=9)),
+    st.tuples(st.text(max_size=3), st.integers()),
+    st.dictionaries(st.text(max_size=4), st.integers(), max_size=3),
+    st.sampled_from(list(Reason)),
+    st.builds(object),
+)
+
+
+def _build(cls: type, **changes: Any) -> Any:
+    return cls(**{**VALID[cls.__name__], **changes})
+
+
+def _named_field(err: InvalidRequest) -> str:
+    return str(err.details.get("field", ""))
+
+
+def _acceptable_names(cls: type, field: str) -> set[str]:
+    related = RELATED_FIELDS.get(cls.__name__, set())
+    return {f"{cls.__name__}.{f}" for f in (related if field in related else {field})}
+
+
+def test_every_message_class_has_a_valid_example():
+    names = {cls.__name__ for cls in MESSAGE_CLASSES}
+    assert names == set(VALID), f"add to VALID: {sorted(names - set(VALID))}; remove: {sorted(set(VALID) - names)}"
+    for cls in MESSAGE_CLASSES:
+        _build(cls)  # the examples themselves are valid
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_a_hostile_field_value_is_refused_naming_the_field_or_accepted_never_another_exception(data):
+    cls = data.draw(st.sampled_from(MESSAGE_CLASSES), label="class")
+    field = data.draw(st.sampled_from([f.name for f in dataclasses.fields(cls)]), label="field")
+    value = data.draw(HOSTILE, label="value")
+    try:
+        _build(cls, **{field: value})
+    except InvalidRequest as err:
+        named = _named_field(err)
+        assert named in _acceptable_names(cls, field), f"{cls.__name__}.{field}={value!r}: error names {named!r}: {err}"
+        assert named in str(err) and "accepted:" in str(err)
+        assert err.reason is Reason.INVALID_REQUEST
+
+
+# Classes whose values may come from outside Mai's own code (clients, the terminal, a peer's reply) validate
+# every field they declare a type for; the rest (built by Mai itself from checked values) need not.
+def _validating_classes() -> list[type]:
+    return [cls for cls in MESSAGE_CLASSES if "__post_init__" in vars(cls)]
+
+
+_NOT_STR = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.binary(max_size=4),
+                     st.lists(st.text(max_size=3), max_size=2), st.tuples(st.text(max_size=3)))
+_NOT_INT = st.one_of(st.none(), st.booleans(), st.floats(), st.text(max_size=4), st.lists(st.integers(), max_size=2))
+_NOT_NUMBER = st.one_of(st.none(), st.booleans(), st.text(max_size=4), st.binary(max_size=4),
+                        st.lists(st.floats(), max_size=2), st.sampled_from([float("nan"), float("inf"), -float("inf")]),
+                        st.integers(min_value=2**1024, max_value=2**1100))
+_NOT_BOOL = st.one_of(st.none(), st.integers(), st.floats(), st.text(max_size=4), st.lists(st.booleans(), max_size=2))
+_NOT_TUPLE_OF_STR = st.one_of(st.none(), st.text(max_size=4), st.lists(st.text(max_size=3), min_size=1, max_size=2),
+                              st.tuples(st.integers()), st.tuples(st.text(max_size=3), st.none()))
+
+
+def _wrong_values(annotation: Any) -> st.SearchStrategy | None:
+    """Values that are not of `annotation`'s kind (None is right for an Optional), or None for kinds we do not
+    check (Any, object, nested records)."""
+    optional = False
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) != 1:
+            return None
+        annotation, optional = args[0], True
+    if annotation is str:
+        strategy = _NOT_STR
+    elif annotation is bool:
+        strategy = _NOT_BOOL
+    elif annotation is int:
+        strategy = _NOT_INT
+    elif annotation is float:
+        strategy = _NOT_NUMBER
+    elif annotation is dict:
+        strategy = st.one_of(st.none(), st.text(max_size=3), st.lists(st.integers(), max_size=2))
+    elif typing.get_origin(annotation) is tuple and typing.get_args(annotation) == (str, ...):
+        strategy = _NOT_TUPLE_OF_STR
+    else:
+        return None
+    return strategy.filter(lambda v: v is not None) if optional else strategy
+
+
+def _checked_fields() -> list[tuple[type, str, st.SearchStrategy]]:
+    fields = []
+    for cls in _validating_classes():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            wrong = _wrong_values(hints[f.name])
+            if wrong is not None:
+                fields.append((cls, f.name, wrong))
+    return fields
+
+
+CHECKED_FIELDS = _checked_fields()
+
+
+@pytest.mark.parametrize("cls, field, wrong", CHECKED_FIELDS, ids=[f"{c.__name__}.{f}" for c, f, _ in CHECKED_FIELDS])
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_a_validating_message_refuses_a_value_of_the_wrong_kind_naming_the_field(cls, field, wrong, data):
+    value = data.draw(wrong, label="value")
+    if cls.__name__ == "SetMode" and field == "mode":
+        assume(not isinstance(value, str))
+    with pytest.raises(InvalidRequest) as err:
+        _build(cls, **{field: value})
+    assert _named_field(err.value) in _acceptable_names(cls, field)
+
+
+@pytest.mark.parametrize("cls", [c for c in MESSAGE_CLASSES if any(
+    f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING for f in dataclasses.fields(c))],
+    ids=lambda c: c.__name__)
+def test_a_missing_argument_is_a_type_error_naming_it(cls):
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = required[-1]
+    kwargs = {k: v for k, v in VALID[cls.__name__].items() if k != missing}
+    with pytest.raises(TypeError, match=f"'{missing}'"):
+        cls(**kwargs)
+
+
+def test_a_failure_with_an_unknown_reason_names_the_field():
+    with pytest.raises(InvalidRequest, match=r"Failure\.reason.*accepted: one of"):
+        Failure("r1", "no_such_reason", "boom")
+    assert Failure("r1", "timeout", "late").reason is Reason.TIMEOUT  # the wire form of a reason still works
