@@ -30,6 +30,12 @@ DEFAULT_SOURCE = "default"
 OVERRIDE_SOURCE = "override"
 
 _BaseLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+# Bounds on a parsed document: merging and reporting walk it recursively, and aliases may make it cyclic
+# (`a: &x [*x]`) or expand exponentially ("billion laughs") although the text is small.
+MAX_DEPTH = 32
+MAX_VALUES = 100_000
+MAX_FILE_BYTES = 1 << 20  # a config or catalog is a few KiB; this stops `--config /dev/zero` reading forever
+_SHAPE_ACCEPTED = f"a document at most {MAX_DEPTH} levels deep with at most {MAX_VALUES} values, no alias inside itself"
 
 
 class _StrictLoader(_BaseLoader):
@@ -53,7 +59,12 @@ def read_yaml(path: Path, source: str) -> tuple[object, list[ConfigProblem]]:
     """The parsed document (None when empty) and the problems reading it; never raises for a bad file."""
     accepted = "a readable YAML file"
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as file:
+            raw = file.read(MAX_FILE_BYTES + 1)
+        if len(raw) > MAX_FILE_BYTES:
+            return None, [ConfigProblem("", f"larger than {MAX_FILE_BYTES} bytes", accepted, source=source,
+                                        kind="source")]
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         return None, [ConfigProblem("", "file not found", accepted, source=source, kind="source")]
     except (OSError, UnicodeDecodeError) as exc:
@@ -68,14 +79,38 @@ def read_yaml(path: Path, source: str) -> tuple[object, list[ConfigProblem]]:
         where = f" (column {mark.column + 1})" if mark is not None else ""
         what = f"YAML syntax error: {getattr(exc, 'problem', None) or exc}{where}"
         return None, [ConfigProblem("", what, "valid YAML", source=source, kind="source", line=line)]
+    except (ValueError, RecursionError) as exc:  # e.g. an integer of more than 4300 digits
+        return None, [ConfigProblem("", f"cannot read a value: {exc}", "valid YAML", source=source, kind="source")]
     finally:
         loader.dispose()
+    shape = shape_problem(data)
+    if shape is not None:
+        return None, [ConfigProblem("", shape, _SHAPE_ACCEPTED, source=source, kind="source")]
     problems = [
         ConfigProblem("", f"duplicate key {key!r} (only the last one would count)", "each key once per mapping",
                       source=source, kind="source", line=line)
         for key, line in loader.duplicates
     ]
     return data, problems
+
+
+def shape_problem(data: object) -> str | None:
+    """What makes a parsed document unsafe to walk (too deep, cyclic, too many values), or None. Iterative, so
+    it cannot itself run out of stack."""
+    stack: list[tuple[object, int]] = [(data, 0)]
+    seen = 0
+    while stack:
+        node, depth = stack.pop()
+        seen += 1
+        if seen > MAX_VALUES:
+            return f"more than {MAX_VALUES} values once aliases are expanded"
+        if depth > MAX_DEPTH:
+            return f"nested more than {MAX_DEPTH} levels deep (or an alias that contains itself)"
+        if isinstance(node, Mapping):
+            stack.extend((item, depth + 1) for pair in node.items() for item in pair)
+        elif isinstance(node, (list, tuple, set, frozenset)):
+            stack.extend((item, depth + 1) for item in node)
+    return None
 
 
 class _Layers:
@@ -116,9 +151,14 @@ class _Layers:
             return
         try:
             value = yaml.load(text, Loader=_BaseLoader)
-        except yaml.YAMLError as exc:
+        except (yaml.YAMLError, ValueError, RecursionError) as exc:
             accepted = f"a YAML value; quote text that YAML would misread ({getattr(exc, 'problem', None) or exc})"
             self.problems.append(ConfigProblem(dotted(parts), text, accepted, None, source))
+            return
+        shape = shape_problem(value)
+        if shape is not None:
+            self.problems.append(ConfigProblem(dotted(parts), text, f"{_SHAPE_ACCEPTED} (this one is {shape})", None,
+                                               source))
             return
         self.applied.append(source)
         self.merge(parts, value, source)

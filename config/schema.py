@@ -44,7 +44,10 @@ def dotted(parts: Parts) -> str:
 
 
 def _show(value: object, limit: int = 80) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):  # an int past Python's digit limit, a structure nested too deep
+        text = f"<{type(value).__name__} that cannot be shown>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -219,12 +222,12 @@ class Text:
 class FilePath:
     """A path; the checker expands `~` and `$VARS` in it and hands out a `pathlib.Path`."""
 
-    accepted: str = "a file system path (a non-empty string; ~ and $VARS are expanded)"
+    accepted: str = "a file system path (a non-empty string without NUL characters; ~ and $VARS are expanded)"
     expands: bool = True
 
     def check(self, value: object) -> str:
         text = os.fspath(value) if isinstance(value, os.PathLike) else value
-        if not isinstance(text, str) or not text.strip():
+        if not isinstance(text, str) or not text.strip() or "\0" in text:  # no OS call accepts a NUL
             raise Rejected()
         return text
 
@@ -267,7 +270,7 @@ class HostPort:
     def _valid(text: str) -> bool:
         host, colon, port = text.rpartition(":")
         return bool(colon and host.strip() and not any(c.isspace() for c in text)) and (
-            port.isdigit() and 1 <= int(port) <= 65535
+            port.isascii() and port.isdigit() and 1 <= int(port) <= 65535
         )
 
 

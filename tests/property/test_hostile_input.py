@@ -297,3 +297,104 @@ def test_a_failure_with_an_unknown_reason_names_the_field():
     with pytest.raises(InvalidRequest, match=r"Failure\.reason.*accepted: one of"):
         Failure("r1", "no_such_reason", "boom")
     assert Failure("r1", "timeout", "late").reason is Reason.TIMEOUT  # the wire form of a reason still works
+
+
+# --- (d) configuration files and environment overrides ------------------------------------------------------------
+
+_SECTIONS = {
+    "system": ["admin_port", "bind_address", "allow_remote", "state_dir", "models_file", "start_timeout_s",
+               "stop_timeout_s", "ask_timeout_s", "restart_backoff_initial_s", "restart_backoff_max_s"],
+    "gpu": ["backend", "device_index", "sample_interval_s", "change_threshold_mb", "reserve_mb", "simulated_total_mb",
+            "simulated_ledger"],
+    "ollama": ["host", "vlm_model", "num_ctx", "retries", "idle_timeout_s", "probe_backoff_initial_s",
+               "probe_backoff_max_s", "vram_recovery_fraction"],
+    "lmstudio": ["enabled", "host", "api_token", "instance_ttl_s"],
+    "clip": ["backend", "model", "pretrained", "precision", "footprint_mb", "threads"],
+    "modes": ["default", "autopilot", "recording", "idle", "table", "Autopilot", "fast"],
+    "logging": ["level", "console", "console_format", "file"],
+    "chat": ["system_prompt", "role", "history_db", "temperature", "token_batch_ms"],
+    "models": [], "roles": [],
+}
+_KEYS = st.one_of(st.sampled_from([k for keys in _SECTIONS.values() for k in keys] + ["vlm", "clip", "key", "tier"]),
+                  st.text(max_size=8), st.integers(-3, 3), st.none(), st.booleans())
+_SCALARS = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.integers(min_value=10**20, max_value=10**30),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=20),
+    st.sampled_from(["", "\x00", "~", "~nobody/x", "$HOME/$NOPE/${X}", "/tmp/\x00x", "http://", "http://[::1",
+                     "http://127.0.0.1:99999", "127.0.0.1:²", "127.0.0.1:0", "localhost", "::1", "999.1.1.1",
+                     "ws://127.0.0.1:1234", "autopilot", "loaded", "gpu", "keep", "simulated", "fp16", "null",
+                     "1e400", "0x10", "yes", "-.inf"]),
+    st.dates(),
+)
+_VALUES = st.recursive(_SCALARS, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.dictionaries(_KEYS, inner, max_size=4)), max_leaves=20)
+_SECTION = st.fixed_dictionaries({}, optional={k: _VALUES for k in ["vlm", "clip", "lease_drain_timeout_s"]}) | \
+    st.dictionaries(_KEYS, _VALUES, max_size=6)
+_DOCUMENTS = st.one_of(
+    st.dictionaries(st.sampled_from(list(_SECTIONS)) | _KEYS, _SECTION | _VALUES, max_size=5),
+    _VALUES,
+)
+# YAML that no dumper writes: aliases that contain themselves or explode, tags, broken syntax, deep nesting.
+_RAW_DOCUMENTS = st.one_of(
+    st.text(max_size=200),
+    st.sampled_from([
+        "system: &s {admin_port: *s}", "gpu: &g [1, *g]", "a: &a [1,1,1,1,1,1,1,1,1,1]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a]\n"
+        "c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b,*b]\nd: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c,*c]\ne: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d,*d]\n"
+        "f: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e,*e]", "system: {admin_port: " + "9" * 5000 + "}", "a: " + "[" * 5000 + "]" * 5000,
+        "system: {state_dir: !!binary aGVsbG8=}", "? [a, b]\n: 1", "gpu: !!python/object:os.system {}",
+        "system: {admin_port: 1}\nsystem: {admin_port: 2}", "<<: {gpu: {reserve_mb: 1}}", "--- a\n--- b", "\ufeffgpu: {}",
+        "gpu:\n  reserve_mb: 1\n\tx: 2", "%YAML 9.9\n---\na: 1", "!!set {a, b}", "modes: {default: idle, table: {}}",
+        "gpu: {reserve_mb: !!float 1}", "logging: {file: \"\\0\"}", "system:\n  models_file: /dev/zero",
+        "system:\n  models_file: /etc", "chat: {role: nobody}",
+    ]),
+)
+
+
+def _assert_clear_config_error(err: ConfigError) -> None:
+    text = str(err)
+    assert err.problems and err.reason is Reason.INVALID_CONFIG
+    assert "Traceback" not in text
+    for problem in err.problems:
+        assert problem.path in text and ("accepted:" in str(problem) or "did you mean" in str(problem))
+
+
+def _load_document(tmp: Path, text: str | bytes, env: dict[str, str] | None = None) -> None:
+    path = tmp / "mai.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass"))
+    try:
+        load_config(path, env=env or {})
+    except ConfigError as err:
+        _assert_clear_config_error(err)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(document=_DOCUMENTS)
+def test_a_random_configuration_is_accepted_or_refused_naming_each_dotted_path(tmp_path, document):
+    _load_document(tmp_path, yaml.safe_dump(document, allow_unicode=True))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(text=_RAW_DOCUMENTS | st.binary(max_size=100).map(lambda b: b.decode("latin-1")))
+@example(text="\x01")
+@example(text="system: &s {admin_port: *s}")  # found: RecursionError while merging
+@example(text="a: " + "[" * 5000 + "]" * 5000)  # found: RecursionError
+@example(text="system: {admin_port: " + "9" * 5000 + "}")  # found: ValueError from PyYAML's int conversion
+@example(text='lmstudio: {host: "127.0.0.1:\u00b2"}')  # found: ValueError from int("²")
+@example(text='system: {models_file: "/tmp/\\0"}')  # found: ValueError "embedded null byte"
+@example(text="system: {models_file: /dev/zero}")  # found: read without end
+def test_a_hostile_yaml_file_is_refused_as_a_config_error(tmp_path, text):
+    _load_document(tmp_path, text)
+
+
+@settings(max_examples=150, deadline=None)
+@given(env=st.dictionaries(
+    st.builds(lambda s, k: f"MAI_{s}__{k}", st.sampled_from(list(_SECTIONS)).map(str.upper) | st.text(max_size=5),
+              st.sampled_from([k for keys in _SECTIONS.values() for k in keys]).map(str.upper) | st.text(max_size=5)
+              | st.just("AUTOPILOT__CLIP")),
+    _RAW_DOCUMENTS | _SCALARS.map(lambda v: yaml.safe_dump(v).removesuffix("\n...\n")), max_size=4))
+def test_hostile_environment_overrides_are_refused_naming_the_variable_and_path(env):
+    env = {k: v for k, v in env.items() if "\x00" not in k + v}  # no environment holds a NUL
+    try:
+        load_config(env=env)
+    except ConfigError as err:
+        _assert_clear_config_error(err)
