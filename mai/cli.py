@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -33,6 +34,17 @@ def _load(args: argparse.Namespace) -> Any:
     return load_config(args.config)
 
 
+def _seconds(text: str) -> float:
+    """argparse type for a duration: a finite number > 0 (float() alone takes nan, inf and -5; nan never ends)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"got {text!r}; accepted: a number of seconds > 0")
+    return value
+
+
 def _emit(args: argparse.Namespace, data: dict, text: str) -> None:
     print(json.dumps(data, indent=2, default=str) if getattr(args, "json", False) else text)
 
@@ -50,7 +62,12 @@ def cmd_start(args: argparse.Namespace) -> int:
     if probe.kind != "none":
         _emit(args, {"started": False, "running": probe.__dict__}, f"mai: not starting: {probe.describe()}")
         return 0 if probe.kind == "mai" else 1
-    state_dir = boot.prepare_state_dir(cfg)
+    try:
+        state_dir = boot.prepare_state_dir(cfg)
+    except OSError as err:
+        print(f"mai: system.state_dir = {str(cfg.system.state_dir)!r} cannot be used: {err.strerror or err}; "
+              "accepted: a directory Mai can create and write", file=sys.stderr)
+        return 2
     console_log = state_dir / "console.log"
     command = [sys.executable, "-m", "bootstrap", "--quiet"] + (["--config", args.config] if args.config else [])
     with open(console_log, "ab") as out:
@@ -188,6 +205,9 @@ def cmd_mode(args: argparse.Namespace) -> int:
     from mai.client import connect
 
     cfg = _load(args)
+    if args.mode.lower() not in cfg.modes:  # say so even when Mai is not running
+        print(f"mai: mode: got {args.mode!r}; accepted: {', '.join(cfg.modes)}", file=sys.stderr)
+        return 2
     with connect(config=cfg) as client:
         reply = client.set_mode(args.mode, wait=args.wait, timeout_s=args.timeout)
     if args.wait:
@@ -290,13 +310,13 @@ def build_parser() -> argparse.ArgumentParser:
             "(CLIP on the CPU, VLM loaded) or idle (no change)")
     p.add_argument("mode", help="autopilot, recording, idle, or a mode added in your config")
     p.add_argument("--wait", action="store_true", help="return when the mode is reached, not when it is accepted")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait with --wait (default 120)")
+    p.add_argument("--timeout", type=_seconds, default=120.0, help="seconds to wait with --wait (default 120)")
     add("models", cmd_models, "the chat model catalog: availability, loaded state, footprint, why a model is not selectable now")
     p = add("switch", cmd_switch, "pin a chat model until cleared (`mai switch auto` clears the pin)")
     p.add_argument("model", help="a model key from `mai models`, or auto")
     p = add("events", cmd_events, "print events: mode changes, VRAM changes, idle unloads, degraded parts")
     p.add_argument("--follow", action="store_true", help="keep printing until Ctrl-C")
-    p.add_argument("--duration", type=float, default=10.0, help="without --follow: seconds to listen (default 10)")
+    p.add_argument("--duration", type=_seconds, default=10.0, help="without --follow: seconds to listen (default 10)")
     add("chat", cmd_chat, "chat with Mai in this terminal; /help there lists the commands", json_flag=False)
     return parser
 
@@ -318,6 +338,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except OSError as err:  # a file or socket the configuration names, refused by the system: no traceback
+        print(f"mai: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
