@@ -12,6 +12,8 @@ import bootstrap.loopback  # noqa: F401  (re-applies the loopback bind in spawne
 from thespian.actors import ActorTypeDispatcher
 
 from bootstrap.logs import configure_structlog, get_logger
+from messages.base import revalidate
+from messages.errors import InvalidRequest
 from messages.failure import Failure
 from messages.system import Init, Peers, Ping, Pong
 
@@ -30,11 +32,26 @@ class MaiActor(ActorTypeDispatcher):
         self._before_init: list[tuple[Any, Any]] = []
 
     def receiveMessage(self, msg: Any, sender: Any) -> Any:
+        if type(msg).__module__.startswith("messages.") and not self._valid_on_arrival(msg, sender):
+            return None
         # Peers start in any order: a message of ours that overtakes this actor's Init waits for it, then runs.
         if self.config is None and type(msg).__module__.startswith("messages.") and not isinstance(msg, (Init, Ping)):
             self._before_init.append((msg, sender))
             return None
         return super().receiveMessage(msg, sender)
+
+    def _valid_on_arrival(self, msg: Any, sender: Any) -> bool:
+        """Unpickling skipped the message's own checks: run them again, so no handler sees a value its constructor
+        refuses. A refused request is answered with a Failure naming the field; anything else is dropped."""
+        try:
+            revalidate(msg)
+        except InvalidRequest as err:
+            self.log.warning("message.invalid", role=self.role, message_type=type(msg).__name__, error=str(err))
+            request_id = getattr(msg, "request_id", None)
+            if isinstance(request_id, str) and request_id.strip() and not isinstance(msg, Failure):
+                self.send(sender, Failure.from_error(request_id, err))
+            return False
+        return True
 
     # --- wiring -------------------------------------------------------------------------------------------
     def receiveMsg_Init(self, msg: Init, sender: Any) -> None:

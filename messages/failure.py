@@ -18,7 +18,7 @@ class Failure:
     def __post_init__(self) -> None:
         check_text(self, "request_id", allow_empty=True)
         if not isinstance(self.reason, Reason):  # the reason's wire string ("timeout") is accepted too
-            if self.reason not in {r.value for r in Reason}:
+            if not isinstance(self.reason, str) or self.reason not in {r.value for r in Reason}:
                 raise invalid("Failure", "reason", self.reason, "one of " + ", ".join(r.value for r in Reason))
             object.__setattr__(self, "reason", Reason(self.reason))
         check_text(self, "message")

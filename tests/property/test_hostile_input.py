@@ -160,6 +160,7 @@ HOSTILE = st.one_of(
     st.booleans(),
     st.integers(),
     st.integers(min_value=2**1024, max_value=2**1100),  # too large for a float
+    st.just(10**5000),  # too many digits for repr()
     st.integers(max_value=-1),
     st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=40),
@@ -409,11 +410,19 @@ _TALKING = {"cmd_stop", "cmd_status", "cmd_mode", "cmd_events", "cmd_models", "c
 
 
 def _closed_port() -> int:
+    """A port nothing listens on, below the ephemeral range: a port from bind(0) could be handed to another test's
+    Mai a moment later, and `mai stop` would then stop that one."""
+    import random
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    for port in random.Random().sample(range(20000, 32000), 50):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port between 20000 and 32000")
 
 
 @pytest.fixture(scope="module")
