@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -110,7 +111,8 @@ def cmd_stop(args: argparse.Namespace) -> int:
     from bootstrap import system as boot
 
     cfg = _load(args)
-    report = boot.stop(cfg)
+    with contextlib.redirect_stdout(sys.stderr):  # its log line ("system.stopped") is not the command's output
+        report = boot.stop(cfg)
     if not report.was_running:
         _emit(args, report.to_dict(), f"Mai is not running (nothing on port {cfg.system.admin_port}).")
         return 0
