@@ -132,9 +132,12 @@ def _kind_name(kind: Any) -> str:
 def revalidate(message: object) -> None:
     """Check a message that arrived from a socket as its constructor would have, nested messages included, and
     its fields against their annotations; raise `InvalidRequest` naming the first bad field."""
-    pending = [message]
+    pending, seen = [message], set()
     while pending:
         obj = pending.pop()
+        if id(obj) in seen:  # a pickle can make an object refer to itself
+            continue
+        seen.add(id(obj))
         if isinstance(obj, tuple):
             pending.extend(obj)
             continue

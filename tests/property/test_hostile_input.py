@@ -15,6 +15,7 @@ import dataclasses
 import importlib
 import inspect
 import io
+import pickle
 import pkgutil
 import types
 import typing
@@ -28,10 +29,10 @@ from hypothesis import HealthCheck, assume, example, given, settings, strategies
 
 import messages
 from config import ConfigError, load_config
-from messages.errors import InvalidRequest, MaiError, Reason
+from messages.base import revalidate
+from messages.errors import InvalidRequest, Reason
 from messages.resources import VramSnapshot
 from messages.failure import Failure
-from messages.conversation import HistoryEntry, ModelRow
 from messages.status import ClipStatus, VlmStatus
 from messages.system import ChildInfo
 
@@ -292,6 +293,39 @@ def test_a_missing_argument_is_a_type_error_naming_it(cls):
     kwargs = {k: v for k, v in VALID[cls.__name__].items() if k != missing}
     with pytest.raises(TypeError, match=f"'{missing}'"):
         cls(**kwargs)
+
+
+def unchecked(cls: type, values: dict[str, Any]) -> Any:
+    """An instance built without `__post_init__`, as unpickling builds it."""
+    obj = object.__new__(cls)
+    for f in dataclasses.fields(cls):
+        object.__setattr__(obj, f.name, values[f.name])
+    return obj
+
+
+@pytest.mark.parametrize("cls", MESSAGE_CLASSES, ids=lambda c: c.__name__)
+def test_every_valid_message_passes_the_check_on_arrival_after_a_pickle_round_trip(cls):
+    revalidate(pickle.loads(pickle.dumps(_build(cls))))
+
+
+@settings(max_examples=400, deadline=None)
+@given(data=st.data())
+def test_the_check_on_arrival_refuses_what_the_constructor_refuses_naming_the_same_field(data):
+    cls = data.draw(st.sampled_from(MESSAGE_CLASSES), label="class")
+    field = data.draw(st.sampled_from([f.name for f in dataclasses.fields(cls)]), label="field")
+    values = {**VALID[cls.__name__], field: data.draw(HOSTILE, label="value")}
+    try:
+        cls(**values)
+    except InvalidRequest:
+        with pytest.raises(InvalidRequest) as err:
+            revalidate(unchecked(cls, values))
+        assert _named_field(err.value) in _acceptable_names(cls, field)
+
+
+def test_the_check_on_arrival_ends_on_a_message_that_refers_to_itself():
+    child = unchecked(ChildInfo, {"role": "vlm", "address": None, "restarts": 0, "last_exit_at": None})
+    object.__setattr__(child, "address", child)  # a pickle can build this; Any fields are walked into
+    revalidate(pickle.loads(pickle.dumps(_build(messages.SystemInfo, children=(child,)))))
 
 
 def test_a_failure_with_an_unknown_reason_names_the_field():

@@ -6,7 +6,6 @@ no restart, and the system still answers status and switches modes afterwards.""
 
 from __future__ import annotations
 
-import dataclasses
 import decimal
 from typing import Any
 
@@ -23,7 +22,7 @@ from messages.base import new_request_id
 from messages.errors import InvalidRequest, Reason
 from messages.failure import Failure
 from messages.system import Ping, Pong
-from tests.property.test_hostile_input import MESSAGE_CLASSES, VALID
+from tests.property.test_hostile_input import MESSAGE_CLASSES, VALID, unchecked
 from tests.system.harness import running_mai, wait_for
 
 pytestmark = pytest.mark.slow
@@ -54,14 +53,6 @@ GARBAGE = st.one_of(st.text(max_size=30), st.integers(), st.floats(), st.none(),
                     st.lists(WIRE_VALUES, max_size=4), st.tuples(st.text(max_size=5), st.integers()))
 
 
-def _unchecked(cls: type, values: dict[str, Any]) -> Any:
-    """An instance built without `__post_init__`, as unpickling builds it."""
-    obj = object.__new__(cls)
-    for f in dataclasses.fields(cls):
-        object.__setattr__(obj, f.name, values[f.name])
-    return obj
-
-
 @st.composite
 def hostile_message(draw: Any, handled: list[type]) -> tuple[Any, str | None]:
     """A message and, when its own constructor refuses it, the field the refusal names."""
@@ -81,7 +72,7 @@ def hostile_message(draw: Any, handled: list[type]) -> tuple[Any, str | None]:
         refused_field = None
     except InvalidRequest as err:
         refused_field = str(err.details.get("field"))
-    return _unchecked(cls, values), refused_field
+    return unchecked(cls, values), refused_field
 
 
 @pytest.fixture(scope="module")
