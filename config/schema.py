@@ -28,6 +28,11 @@ Parts = tuple[object, ...]  # a path into a raw tree: ("gpu", "reserve_mb") or (
 SourceOf = Callable[[Parts], str]
 
 REDACTED = "***"
+REMOTE_RISK = (
+    "Thespian's sockets have no authentication and Thespian unpickles whatever reaches them; Mai refuses every "
+    "type but its own messages there, yet anyone who reaches them can stop Mai, change its mode, load and unload "
+    "models and read the chat history"
+)
 REQUIRED_MODES = ("autopilot", "recording", "idle")
 _MODE_NAME = re.compile(r"[a-z][a-z0-9_]*")
 
@@ -106,11 +111,19 @@ class ConfigError(MaiError):
 
 
 class Rejected(Exception):
-    """Raised by a rule's `check`; carries an optional "did you mean" for the report."""
+    """Raised by a rule's `check`; carries an optional "did you mean" for the report, and what to show instead of
+    the value when the value holds a credential."""
 
-    def __init__(self, suggestion: str | None = None) -> None:
+    def __init__(self, suggestion: str | None = None, *, shown: str | None = None) -> None:
         super().__init__(suggestion)
         self.suggestion = suggestion
+        self.shown = shown
+
+
+def _credentials_refused(host_part: str, rebuild: Callable[[str], str]) -> Rejected:
+    """A host with user:password@ in it: suggest it without them, show them as ***."""
+    bare = host_part.rpartition("@")[2]
+    return Rejected(rebuild(bare), shown=rebuild(f"{REDACTED}@{bare}"))
 
 
 def _closest(word: object, choices: Iterable[str]) -> str | None:
@@ -234,7 +247,10 @@ class FilePath:
 
 @dataclass(frozen=True)
 class HttpUrl:
-    accepted: str = "an http:// or https:// URL such as http://127.0.0.1:11434"
+    accepted: str = (
+        "an http:// or https:// URL such as http://127.0.0.1:11434, without user:password@ "
+        "(the URL appears in logs and status)"
+    )
 
     def check(self, value: object) -> str:
         if not isinstance(value, str):
@@ -243,7 +259,9 @@ class HttpUrl:
             parts = urlsplit(value)
             parts.port  # noqa: B018 - raises ValueError on a bad port
         except ValueError:
-            raise Rejected() from None
+            raise Rejected(shown=REDACTED if "@" in value else None) from None
+        if "@" in parts.netloc:
+            raise _credentials_refused(parts.netloc, lambda netloc: parts._replace(netloc=netloc).geturl())
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise Rejected(None if "://" in value else f"http://{value}")
         return value
@@ -252,13 +270,17 @@ class HttpUrl:
 @dataclass(frozen=True)
 class HostPort:
     accepted: str = (
-        "host:port with no scheme and no path, such as 127.0.0.1:1234 "
+        "host:port with no scheme, no path and no user:password@, such as 127.0.0.1:1234 "
         "(the LM Studio SDK rejects http:// and ws:// URLs)"
     )
 
     def check(self, value: object) -> str:
         if not isinstance(value, str):
             raise Rejected()
+        if "@" in value:
+            host_port = value.split("://", 1)[-1].split("/", 1)[0]
+            refused = _credentials_refused(host_port, lambda text: text)
+            raise Rejected(refused.suggestion if self._valid(refused.suggestion or "") else None, shown=refused.shown)
         if "://" in value or "/" in value:
             bare = value.split("://", 1)[-1].split("/", 1)[0]
             raise Rejected(bare if self._valid(bare) else None)
@@ -398,9 +420,18 @@ class SystemConfig:
         address, allow_remote = values.get("bind_address"), values.get("allow_remote")
         if address is not None and allow_remote is False and not ipaddress.ip_address(address).is_loopback:
             yield "bind_address", (
-                "a loopback address (127.0.0.1 or ::1) unless system.allow_remote is true: Thespian unpickles "
-                "whatever reaches its sockets, so anyone who can reach this address can run code as you"
+                "a loopback address (127.0.0.1 or ::1) unless system.allow_remote is true: " + REMOTE_RISK
             )
+
+    def exposure_warning(self) -> str | None:
+        """What an operator must be told at start when the sockets are reachable from other hosts, else None."""
+        if ipaddress.ip_address(self.bind_address).is_loopback:
+            return None
+        return (
+            f"system.bind_address is {self.bind_address} and system.allow_remote is true, so Mai's admin port "
+            f"{self.admin_port} and every actor port are reachable from other hosts. " + REMOTE_RISK[0].upper()
+            + REMOTE_RISK[1:] + ". Use this only on a private network or tunnel you trust, behind a firewall."
+        )
 
 
 @dataclass(frozen=True)
@@ -452,6 +483,14 @@ class LmStudioConfig:
     load_timeout_s: float = setting(_positive())
     request_timeout_s: float = setting(_positive())
     instance_ttl_s: float | None = setting(Optional(_positive()))
+
+    @staticmethod
+    def relations(values: Mapping[str, Any]) -> Iterator[Relation]:
+        if values.get("api_token") is not None:  # shown as *** in the report, like every secret
+            yield "api_token", (
+                "null: the lmstudio Python SDK Mai uses (1.5) cannot send an API token, so Mai could not "
+                "authenticate; turn off 'Require Authentication' in LM Studio's server settings instead"
+            )
 
 
 @dataclass(frozen=True)
@@ -677,15 +716,18 @@ class Checker:
                 checked = rule.check(value)
             except Rejected as rejected:
                 shown = REDACTED if spec.metadata["secret"] and value is not None else value
+                shown = shown if rejected.shown is None else rejected.shown
                 self.add(where, shown, rule.accepted, source_of(where), suggestion=rejected.suggestion)
                 continue
             if getattr(rule, "expands", False) and checked is not None:
                 checked = expand_path(checked, self.env)
             values[spec.name] = self.passed[where] = checked
         broken = list(cls.relations(values)) if hasattr(cls, "relations") else []
+        secret = {spec.name for spec in specs if spec.metadata["secret"]}
         for name, accepted in broken:
             where = parts + (name,)
-            self.add(where, values[name], accepted, source_of(where))
+            shown = REDACTED if name in secret and values[name] is not None else values[name]
+            self.add(where, shown, accepted, source_of(where))
         return cls(**values) if len(values) == len(specs) and not broken else None
 
     def _modes(self, raw: Mapping[object, object], source_of: SourceOf) -> ModesConfig | None:

@@ -364,6 +364,15 @@ def test_non_loopback_bind_is_refused_unless_remote_is_allowed() -> None:
     assert load(overrides={"system.bind_address": "::1"}).system.bind_address == "::1"
 
 
+def test_an_allowed_remote_bind_comes_with_a_warning_that_explains_the_risk() -> None:
+    assert load().system.exposure_warning() is None
+    assert load(overrides={"system.bind_address": "::1", "system.allow_remote": True}).system.exposure_warning() is None
+    exposed = load(overrides={"system.bind_address": "0.0.0.0", "system.allow_remote": True}).system
+    warning = exposed.exposure_warning()
+    assert "0.0.0.0" in warning and str(exposed.admin_port) in warning and "reachable from other hosts" in warning
+    assert "no authentication" in warning and "stop Mai" in warning and "firewall" in warning
+
+
 def test_relation_problems_are_found_alongside_field_problems() -> None:
     problems = problems_of(overrides={"system.admin_port": 1, "system.bind_address": "10.0.0.1",
                                       "system.restart_backoff_max_s": 0.1, "ollama.probe_backoff_max_s": 0.5})
@@ -383,12 +392,29 @@ def test_lmstudio_host_must_be_host_and_port_without_scheme(host: str, suggestio
 def test_secret_is_redacted_in_problems_repr_and_to_dict() -> None:
     problem = only_problem(overrides={"lmstudio.api_token": ["hunter2"]})
     assert problem.value == "***" and "hunter2" not in str(problem)
-    cfg = load(env={"MAI_LMSTUDIO__API_TOKEN": "hunter2"})
-    assert cfg.lmstudio.api_token == "hunter2"
+    # A token is refused (the lmstudio SDK cannot send one), and the refusal does not echo it either.
+    refused = only_problem(env={"MAI_LMSTUDIO__API_TOKEN": "hunter2"})
+    assert refused.path == "lmstudio.api_token" and "cannot send an API token" in refused.accepted
+    assert refused.value == "***" and "hunter2" not in str(refused) and "hunter2" not in json.dumps(refused.to_dict())
+    base = load()
+    cfg = dataclasses.replace(base, lmstudio=dataclasses.replace(base.lmstudio, api_token="hunter2"))
     assert "hunter2" not in repr(cfg)
     plain = cfg.to_dict()
     assert plain["lmstudio"]["api_token"] == "***" and "hunter2" not in json.dumps(plain)
-    assert load().to_dict()["lmstudio"]["api_token"] is None
+    assert base.to_dict()["lmstudio"]["api_token"] is None
+
+
+@pytest.mark.parametrize(("key", "value", "shown", "suggestion"), [
+    ("ollama.host", "http://bob:hunter2@127.0.0.1:11434", "http://***@127.0.0.1:11434", "http://127.0.0.1:11434"),
+    ("lmstudio.host", "bob:hunter2@127.0.0.1:1234", "***@127.0.0.1:1234", "127.0.0.1:1234"),
+    ("lmstudio.host", "ws://bob:hunter2@studio:1234/x", "***@studio:1234", "studio:1234"),
+    ("ollama.host", "http://bob:hunter2@127.0.0.1:99999", "***", None),
+])
+def test_credentials_in_a_host_are_refused_without_echoing_them(key: str, value: str, shown: str,
+                                                                suggestion: str | None) -> None:
+    problem = only_problem(overrides={key: value})
+    assert (problem.path, problem.value, problem.suggestion) == (key, shown, suggestion)
+    assert "user:password@" in problem.accepted and "hunter2" not in str(problem)
 
 
 def test_to_dict_is_plain_json_in_the_yaml_layout(tmp_path: Path) -> None:
