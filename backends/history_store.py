@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from bootstrap.paths import private_dir, private_file
 from messages.chat import ChatMessage
 from messages.errors import InvalidRequest
 
@@ -64,7 +65,9 @@ class HistoryStore:
         self._lock_pid = os.getpid()
         self._conn: sqlite3.Connection | None = None
         self._pid: int | None = None
-        _create_private(self.path)
+        # Before SQLite creates them with the umask (it gives the -wal and -shm files the database's mode).
+        private_dir(self.path.parent, tighten_existing=False)
+        private_file(self.path)
         with self._write() as conn:
             for statement in _SCHEMA:
                 conn.execute(statement)
@@ -198,17 +201,6 @@ class HistoryStore:
 
 def _reopen(path: str, busy_timeout_s: float) -> HistoryStore:
     return HistoryStore(path, busy_timeout_s=busy_timeout_s)
-
-
-def _create_private(path: Path) -> None:
-    """Create the directory (0700) and the file (0600) if missing, before SQLite creates them with the umask."""
-    if not path.parent.exists():
-        path.parent.mkdir(parents=True, mode=0o700)
-        os.chmod(path.parent, 0o700)
-    if not path.exists():
-        fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
-        os.close(fd)
-        os.chmod(path, 0o600)
 
 
 def _check_status(status: str) -> None:

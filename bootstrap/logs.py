@@ -3,18 +3,24 @@
 Thespian replaces the root logger inside actor processes and ships records to its logger process (reference
 thespian.md §10). So each actor renders with `render_to_log_kwargs` (fields become record attributes, which
 pickle), and the logger process formats them: one JSON object per line in the file, `event key=value` on the
-console. One event per decision, with the reason as a field.
+console. One event per decision, with the reason as a field. Field values are turned into plain JSON-ready
+data in the actor, because the logger process unpickles records through `bootstrap.safe_pickle`, which refuses
+arbitrary classes: a record carrying, say, an exception object as a field would be dropped.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
 import time
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import structlog
+
+from bootstrap.paths import private_file
 
 _STANDARD = set(vars(logging.LogRecord("x", 0, "x", 0, "x", None, None))) | {"message", "asctime", "actorAddress"}
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
@@ -59,12 +65,30 @@ class DefaultActorAddress(logging.Filter):
         return True
 
 
+class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """A rotating log file that is created 0600 (the log names models, modes and errors), even after rollover."""
+
+    def _open(self):  # type: ignore[no-untyped-def]
+        private_file(self.baseFilename)
+        return super()._open()
+
+
+def append_event(file: Path, level: str, logger: str, event: str, **fields: Any) -> None:
+    """Write one JSON line to the log file from a process that is not part of the actor system, before the
+    logger process owns the file (a warning at start)."""
+    record = logging.LogRecord(logger, LEVELS[level], __file__, 0, event, None, None)
+    record.__dict__.update(plain_fields(None, "", fields))
+    private_file(file)
+    with open(file, "a", encoding="utf-8") as out:
+        out.write(JsonLinesFormatter().format(record) + "\n")
+
+
 def log_defs(level: str, log_file: Path | None, console: bool, console_format: str = "pretty") -> dict:
     """The `logDefs` dict Thespian's logger process applies with dictConfig."""
     handlers: dict[str, dict] = {}
     if log_file is not None:
         handlers["file"] = {
-            "class": "logging.handlers.RotatingFileHandler",
+            "()": PrivateRotatingFileHandler,
             "filename": str(log_file),
             "maxBytes": 20 * 1024 * 1024,
             "backupCount": 3,
@@ -92,6 +116,30 @@ def log_defs(level: str, log_file: Path | None, console: bool, console_format: s
     }
 
 
+_STDLIB_KWARGS = ("exc_info", "stack_info", "stacklevel")  # render_to_log_kwargs hands these to logging itself
+
+
+def _plain(value: Any) -> Any:
+    """The value as str/int/float/bool/None, lists and dicts of them; anything else by its `str()`."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, Enum):
+        return _plain(value.value)
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    for kind in (bool, int, float, str):
+        if isinstance(value, kind):
+            return kind(value)
+    return str(value)
+
+
+def plain_fields(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    """structlog processor: make every field plain data so the record unpickles in the logger process."""
+    return {k: v if k in _STDLIB_KWARGS else _plain(v) for k, v in event_dict.items()}
+
+
 def configure_structlog(level: str = "info") -> None:
     """Call inside each process (after fork): events become stdlib records with fields as attributes."""
     logging.getLogger().setLevel(LEVELS.get(level, logging.INFO))
@@ -100,6 +148,7 @@ def configure_structlog(level: str = "info") -> None:
     structlog.configure(
         processors=[
             structlog.stdlib.filter_by_level,
+            plain_fields,
             structlog.stdlib.render_to_log_kwargs,
         ],
         logger_factory=structlog.stdlib.LoggerFactory(),

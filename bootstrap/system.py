@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -16,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import bootstrap.loopback as loopback
-from bootstrap.logs import configure_structlog, get_logger, log_defs
-from bootstrap.paths import ledger_path, log_file
+from bootstrap.logs import append_event, configure_structlog, get_logger, log_defs
+from bootstrap.paths import ledger_path, log_file, private_dir, private_file
 from mai import __version__
 from messages.base import new_request_id
 from messages.errors import MaiError, NotRunning, OperationTimeout, Reason
@@ -134,11 +135,26 @@ def _close(asys: Any) -> None:
         pass
 
 
+def warn(cfg: Any, event: str, message: str, **fields: Any) -> None:
+    """A warning from the starting process, which is not part of the actor system: on the console (stderr; the
+    detached `mai start` keeps it in console.log) and in the log file, written before the logger process owns it."""
+    print(f"mai: warning: {message}", file=sys.stderr, flush=True)
+    file = log_file(cfg)
+    if file is not None:
+        append_event(file, "warning", "mai.bootstrap", event, detail=message, **fields)
+
+
 def prepare_state_dir(cfg: Any) -> Path:
-    """Create the state directory private to the user (0700)."""
-    path = Path(cfg.system.state_dir)
-    path.mkdir(parents=True, exist_ok=True)
-    os.chmod(path, 0o700)
+    """Create the state directory private to the user (0700), or take group and other access away from it."""
+    tightened: list[str] = []
+
+    def notice(path: Path, old_mode: int, new_mode: int) -> None:
+        tightened.append(f"{path} {old_mode:04o} -> {new_mode:04o}")
+
+    path = private_dir(cfg.system.state_dir, notice)
+    if tightened:
+        warn(cfg, "state_dir.tightened", f"others could enter Mai's state directory; removed their access: "
+             f"{'; '.join(tightened)}", paths=tightened)
     return path
 
 
@@ -154,13 +170,16 @@ def start(cfg: Any, *, console_logs: bool | None = None) -> SystemInfo:
         raise MaiError(f"not starting: {probe.describe()}", reason=Reason.BUSY,
                        details={"kind": probe.kind, "version": probe.version or "", "port": probe.port})
     prepare_state_dir(cfg)
+    exposure = cfg.system.exposure_warning()
+    if exposure is not None:
+        warn(cfg, "system.remote_access", exposure, bind_address=cfg.system.bind_address, port=cfg.system.admin_port)
     if cfg.gpu.backend == "simulated":
         from mai.sim.gpu_ledger import GpuLedger
 
         GpuLedger(ledger_path(cfg), total_bytes=cfg.gpu.simulated_total_mb * 2**20)
     file = log_file(cfg)
     if file is not None:
-        file.touch(mode=0o600, exist_ok=True)
+        private_file(file)
     configure_structlog(cfg.logging.level)
     console = cfg.logging.console if console_logs is None else console_logs
     capabilities = {

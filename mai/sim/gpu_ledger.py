@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from bootstrap.paths import private_file
 from messages.errors import InvalidRequest, OutOfMemory
 from messages.resources import VramSnapshot
 
@@ -71,6 +72,7 @@ class GpuLedger:
         self._busy_timeout_s = busy_timeout_s
         if total_bytes is not None and (not isinstance(total_bytes, int) or total_bytes <= 0):
             raise InvalidRequest(f"GpuLedger total_bytes must be a positive int, got {total_bytes!r}")
+        private_file(self.path)  # 0600 before SQLite creates it (and its -wal/-shm) with the umask
         with closing(self._connect()) as conn:
             conn.execute("PRAGMA journal_mode=WAL")
             with _immediate(conn):  # executescript() would commit mid-transaction, so one statement at a time
