@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -38,6 +39,9 @@ CORE_MESSAGES = (
     "VlmLoaded", "VlmUnloaded", "ClipMoved", "VramRecovered", "ChatLoaded", "ChatUnloaded", "StepFailed",
     "ModelSwitched",
 )
+# Field names a stdlib LogRecord owns: logging refuses them as fields ("Attempt to overwrite 'message'"), and the
+# exception would abort the handler between two effects (a reply or the next step lost). Logged with a "_" suffix.
+RESERVED_LOG_FIELDS = frozenset(vars(logging.LogRecord("x", 0, "x", 0, "x", None, None))) | {"message", "asctime"}
 
 
 def _json_load(path: Path) -> Any:
@@ -113,7 +117,8 @@ class ModeCoordinator(MaiActor):
         elif isinstance(effect, WakeAt):
             self._wake_at(effect.at)
         elif isinstance(effect, Log):
-            self.log.info(effect.event, **dict(effect.fields))
+            self.log.info(effect.event, **{(f"{k}_" if k in RESERVED_LOG_FIELDS else k): v
+                                           for k, v in effect.fields.items()})
         elif isinstance(effect, PersistFootprint):
             path = self._path("footprints.json")
             data = _json_load(path) or {}
