@@ -6,8 +6,9 @@
 It serves Ollama's routes with the bodies, status codes and NDJSON framing of `shared/reference/ollama.md`
 (§1-§4, §11) and imitates the parts of Ollama's scheduler that Mai depends on: one load at a time, reload when the
 load options change, keep_alive timers, eviction shortest-keep_alive-first, partial offload of a lone model, an
-unload that answers before the model leaves /api/ps. VRAM comes from the shared `GpuLedger` (`--ledger`), so the
-simulated GPU is the same one Mai's other simulated users see; without one a private ledger of `--vram-mb` is used.
+unload that answers before the model leaves /api/ps, a load aborted when its client disconnects (§6). VRAM comes from
+the shared `GpuLedger` (`--ledger`), so the simulated GPU is the same one Mai's other simulated users see; without one
+a private ledger of `--vram-mb` is used.
 
 Chat replies are derived from the whole request (see `chat_reply`) so tests can prove which context reached the
 model. Routes under `/_double/` are not Ollama's: they expose the request log, runtime configuration and fault
@@ -24,6 +25,7 @@ import json
 import math
 import os
 import re
+import select
 import signal
 import socket
 import sys
@@ -377,9 +379,11 @@ class SimulatedOllama:
 
     # -- requests using a runner -------------------------------------------------------------------------------
 
-    def acquire(self, spec: ModelSpec, options: dict[str, Any], keep_alive_s: float | None) -> tuple[Runner, float]:
+    def acquire(self, spec: ModelSpec, options: dict[str, Any], keep_alive_s: float | None,
+                client_gone: Callable[[], bool] | None = None) -> tuple[Runner, float]:
         """A ready runner for `spec` with these load options, its reference taken; loads (evicting or reloading
-        first) when needed. Returns the runner and the seconds spent loading."""
+        first) when needed. Returns the runner and the seconds spent loading. A load whose client is gone
+        (`client_gone()`) is aborted, as Ollama does."""
         while True:
             with self._cond:
                 runner = self._usable(spec, options, keep_alive_s)
@@ -395,7 +399,7 @@ class SimulatedOllama:
                         self.log_event("reload", model=spec.name, old_options=current.options, new_options=options)
                     self._unload_locked(current, wait_vram=True)
                 started = time.monotonic()
-                runner = self._load_locked(spec, options, keep_alive_s)
+                runner = self._load_locked(spec, options, keep_alive_s, client_gone)
                 return runner, time.monotonic() - started
 
     def _usable(
@@ -431,7 +435,8 @@ class SimulatedOllama:
 
     # -- VRAM-changing work (caller holds _gpu) ---------------------------------------------------------------
 
-    def _load_locked(self, spec: ModelSpec, options: dict[str, Any], keep_alive_s: float | None) -> Runner:
+    def _load_locked(self, spec: ModelSpec, options: dict[str, Any], keep_alive_s: float | None,
+                     client_gone: Callable[[], bool] | None = None) -> Runner:
         cfg = self.config
         keep_alive = cfg.default_keep_alive_s if keep_alive_s is None else keep_alive_s
         self._make_room(spec)
@@ -453,7 +458,14 @@ class SimulatedOllama:
             runner.size_vram = granted
             with self._cond:
                 self._runners[spec.name] = runner  # visible in /api/ps while loading, like Ollama
-            self._pause(cfg.load_time_s)
+            if not self._load_until_ready(cfg.load_time_s, client_gone):
+                # "client connection closed before llama-server finished loading, aborting load" (499)
+                with self._cond:
+                    self._runners.pop(spec.name, None)
+                    self._cond.notify_all()
+                self.ledger.free(runner.owner)
+                self.log_event("load_aborted", model=spec.name, reason="client disconnected")
+                raise _Dropped()
         finally:
             self.ledger.end(runner.owner, "load")
         with self._cond:
@@ -461,6 +473,16 @@ class SimulatedOllama:
             self._cond.notify_all()
         self.log_event("load", model=spec.name, options=options, size=spec.size_bytes, size_vram=runner.size_vram)
         return runner
+
+    def _load_until_ready(self, load_time_s: float, client_gone: Callable[[], bool] | None) -> bool:
+        """Spend the load time; False as soon as the client has gone (a reset or stop just ends the wait)."""
+        deadline = time.monotonic() + load_time_s
+        while (remaining := deadline - time.monotonic()) > 0:
+            if not self._pause(min(remaining, 0.05)):
+                return True
+            if client_gone is not None and client_gone():
+                return False
+        return True
 
     def _make_room(self, spec: ModelSpec) -> None:
         """Evict until `spec` fits and the model cap allows one more: shortest keep_alive first, then by name,
@@ -654,8 +676,8 @@ class OllamaHandler(BaseHTTPRequestHandler):
             entry["status"] = self._status
 
     def _route(self, method: str, path: str, raw: bytes, fault: str | None) -> None:
-        if fault == "hang" and not self.sim.hang():
-            self._drop()
+        if fault == "hang" and (not self.sim.hang() or self._client_gone()):
+            self._drop()  # cut short, or the client gave up meanwhile: Ollama drops a request whose client left
         if fault in ("oom", "error500", "busy", "notfound"):
             status, message = {
                 "oom": (500, OOM_ERROR),
@@ -726,7 +748,7 @@ class OllamaHandler(BaseHTTPRequestHandler):
         if fault == "midstream" and (empty or not stream):
             raise ApiError(500, MIDSTREAM_ERROR)
         started = time.monotonic()
-        runner, load_s = self.sim.acquire(spec, options, keep_alive_s)
+        runner, load_s = self.sim.acquire(spec, options, keep_alive_s, self._client_gone)
         lease = _Lease(self.sim, runner)
         try:
             if empty:
@@ -846,6 +868,14 @@ class OllamaHandler(BaseHTTPRequestHandler):
     def _end_chunked(self) -> None:
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
+
+    def _client_gone(self) -> bool:
+        """The client closed its end (it timed out, or its process died): the socket reads as end-of-file."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
 
     def _drop(self) -> None:
         """Close the socket mid-response, like a crashed server."""
