@@ -91,7 +91,7 @@ class VlmLoader(MaiActor):
     def _with_retries(self, what: str, fn: Callable[[], Any]) -> tuple[Any, int]:
         o = self.config.ollama
         backoff = Backoff(o.retry_backoff_s, max(o.retry_backoff_s, 10.0))
-        attempts = max(1, o.retries)
+        attempts = o.retries + 1  # `retries` counts the attempts after the first (the step timeout assumes so)
         for attempt in range(1, attempts + 1):
             time.sleep(backoff.delay(attempt))
             try:
