@@ -61,7 +61,7 @@ class VlmLoader(MaiActor):
             if self.healthy is not False:
                 self.log.warning("vlm.degraded", reason=str(err), host=self.config.ollama.host)
             self.healthy = False
-            self._report(PartHealth("vlm", False, f"Ollama unreachable at {self.config.ollama.host}: {err}"))
+            self._report(PartHealth("vlm", False, str(err)))  # names the host and what failed: refused, 500, hang
             return
         if self.healthy is not True:
             self.log.info("vlm.reachable", host=self.config.ollama.host)
@@ -135,7 +135,9 @@ class VlmLoader(MaiActor):
 
     def _step_failed(self, step_id: str, sender: Any, err: MaiError) -> None:
         self.log.error("vlm.step_failed", step_id=step_id, reason=err.reason.value, error=str(err))
-        if err.reason.value == "backend_unreachable":
-            self.healthy = False
-            self.send(sender, PartHealth("vlm", False, f"Ollama unreachable at {self.config.ollama.host}: {err}"))
         self.send(sender, StepFailed(step_id, Failure.from_error(step_id, err)))
+        # Look at Ollama again now, not at the next reconcile: down, hung or answering 500 makes the VLM degraded
+        # with that reason at once, and what it holds after the failure is reported (after the step's end, so
+        # the coordinator takes it).
+        self.observed = None
+        self.guarded("", None, self._probe)
