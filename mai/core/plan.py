@@ -287,12 +287,15 @@ def plan_steps(world: World, policy: ModePolicy, demand: Demand) -> Plan:
     if vlm_goal.state == "loaded" and not vlm_on and not read_first:
         evictable = ("clip",) if clip_on_gpu and clip_wants_gpu else ()
         description = f"load {world.vlm_model}"
-        if fits(LOAD_VLM, description, vlm_fp, vlm_goal.reason, evictable):
+        # Unknown (a restarted coordinator): it may be loaded, its bytes in the reading. Blocked until observed,
+        # never refused on that reading.
+        if world.vlm_state == "unknown" or fits(LOAD_VLM, description, vlm_fp, vlm_goal.reason, evictable):
             allocating.append(PlannedStep(LOAD_VLM, description, vlm_fp if world.gpu else 0, vlm_goal.reason))
     if clip_wants_gpu and world.clip_placement in ("cpu", "unknown") and world.gpu is not False and not read_first:
         will_have_vlm = (vlm_on and vlm_goal.state != "unloaded") or any(s.kind == LOAD_VLM for s in allocating)
         evictable = ("vlm",) if will_have_vlm else ()
-        if fits(MOVE_CLIP_GPU, "move CLIP to gpu", clip_fp, clip_goal.reason, evictable):
+        if world.clip_placement == "unknown" or fits(MOVE_CLIP_GPU, "move CLIP to gpu", clip_fp, clip_goal.reason,
+                                                     evictable):
             allocating.append(PlannedStep(MOVE_CLIP_GPU, "move CLIP to gpu", clip_fp, clip_goal.reason))
 
     relies_on_freed = bool(allocating) or read_first or demand.chat_load_waiting

@@ -264,6 +264,14 @@ def test_unknown_state_waits_for_an_observation():
     assert plan.steps[0].kind == LOAD_VLM and "unknown" in plan.steps[0].blocked
 
 
+def test_an_unknown_part_is_never_refused_on_a_reading_that_may_hold_its_own_bytes():
+    # A restarted coordinator: the VLM (or CLIP) may be loaded already, its bytes counted as used in the reading.
+    vlm = plan_steps(world(vlm_state="unknown", free_bytes=4 * GIB), RECORDING, Demand())
+    assert vlm.refusals == () and vlm.steps[-1].kind == LOAD_VLM and "unknown" in vlm.steps[-1].blocked
+    clip = plan_steps(world(clip_placement="unknown", free_bytes=256 * MIB), AUTOPILOT, Demand())
+    assert clip.refusals == () and clip.steps[-1].kind == MOVE_CLIP_GPU and "unknown" in clip.steps[-1].blocked
+
+
 def test_nothing_moves_before_the_first_vram_reading():
     plan = plan_steps(world(gpu=None, free_bytes=None, vlm_state="loaded"), AUTOPILOT, Demand())
     assert plan.next_step is None and plan.steps[0].blocked == "waiting for the first VRAM reading"
