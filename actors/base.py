@@ -67,8 +67,10 @@ class MaiActor(ActorTypeDispatcher):
             super().receiveMessage(message, message_sender)
 
     def receiveMsg_Peers(self, msg: Peers, sender: Any) -> None:
-        self.peers = dict(msg.peers)
-        self.on_peers()
+        before, self.peers = self.peers, dict(msg.peers)
+        restarted = frozenset(role for role, address in self.peers.items()
+                              if address is not None and before.get(role) != address)
+        self.on_peers(restarted)
 
     def receiveMsg_Ping(self, msg: Ping, sender: Any) -> None:
         self.send(sender, Pong(msg.request_id, self.role, os.getpid(), self.started_at))
@@ -87,8 +89,8 @@ class MaiActor(ActorTypeDispatcher):
     def on_init(self, init: Init) -> None:
         """Rebuild state from the world (reconcile); called on first start and after every restart."""
 
-    def on_peers(self) -> None:
-        """A peer was restarted and has a new address."""
+    def on_peers(self, restarted: frozenset[str]) -> None:
+        """These peers were restarted and have new addresses: whatever we asked their predecessors is lost."""
 
     # --- helpers --------------------------------------------------------------------------------------------
     def guarded(self, request_id: str, reply_to: Any, fn: Any, *args: Any) -> Any:

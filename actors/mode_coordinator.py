@@ -42,6 +42,9 @@ CORE_MESSAGES = (
 # Field names a stdlib LogRecord owns: logging refuses them as fields ("Attempt to overwrite 'message'"), and the
 # exception would abort the handler between two effects (a reply or the next step lost). Logged with a "_" suffix.
 RESERVED_LOG_FIELDS = frozenset(vars(logging.LogRecord("x", 0, "x", 0, "x", None, None))) | {"message", "asctime"}
+# Who executes each step message (a step in flight is sent again to that actor's successor if it is restarted).
+STEP_EXECUTOR = {"LoadVlm": "vlm", "UnloadVlm": "vlm", "MoveClip": "clip", "WaitVramFree": "sampler",
+                 "ChatYield": "chat", "ChatGrant": "chat"}
 
 
 def _json_load(path: Path) -> Any:
@@ -78,17 +81,24 @@ class ModeCoordinator(MaiActor):
         initial = saved_mode if saved_mode in settings.modes else None
         self.core = Coordinator(settings, time.time(), learned_footprints=footprints, initial_mode=initial)
         self.log.info("coordinator.ready", mode=self.core.mode, restored_mode=initial or "", learned=sorted(footprints))
-        self._wire()
+        self._wire(frozenset(("sampler", "vlm", "clip")))
 
-    def on_peers(self) -> None:
-        self._wire()
+    def on_peers(self, restarted: frozenset[str]) -> None:
+        self._wire(restarted)
+        step = self.core.step_in_flight if self.core is not None else None
+        role = STEP_EXECUTOR.get(type(step).__name__)
+        if role in restarted:
+            # Its predecessor died with the step (and its result): every step is idempotent, so the successor,
+            # which has rebuilt its state from the world, simply does it again.
+            self.log.warning("step.resent", target=role, step=type(step).__name__)
+            self.send(self.peers[role], step)
 
-    def _wire(self) -> None:
-        """(Re)connect to the executors: watch VRAM, and ask the others what they observe now (reconcile)."""
-        if self.peers.get("sampler") is not None:
+    def _wire(self, roles: frozenset[str]) -> None:
+        """(Re)connect to these executors: watch VRAM, and ask the others what they observe now (reconcile)."""
+        if "sampler" in roles and self.peers.get("sampler") is not None:
             self.send(self.peers["sampler"], WatchVram("coordinator"))
         for role in ("vlm", "clip"):
-            if self.peers.get(role) is not None:
+            if role in roles and self.peers.get(role) is not None:
                 self.send(self.peers[role], Reobserve())
 
     # --- the core ---------------------------------------------------------------------------------------------
