@@ -46,7 +46,7 @@ from messages.conversation import (
 from messages.errors import Busy, InvalidRequest, MaiError, NoModelAvailable, OperationTimeout, Reason
 from messages.events import ModelSwitched
 from messages.failure import Failure
-from messages.steps import PartHealth, StepFailed
+from messages.steps import PartHealth, Reobserve, StepFailed
 from messages.system import Init
 
 CHECKPOINT_EVERY_S = 0.5  # partial replies reach the store at least this often: a crash loses at most this much
@@ -115,6 +115,23 @@ class ConversationAgent(MaiActor):
             self.current = adopted
             self._tell_coordinator(ModelSwitched(None, adopted.key, "found loaded after a restart"))
             self.log.info("chat.adopted", model=adopted.key)
+
+    def receiveMsg_Reobserve(self, msg: Reobserve, sender: Any) -> None:
+        """A restarted coordinator asks what we hold: it counts the chat model's VRAM and may ask it to yield."""
+        if self.current is not None:
+            self._tell_coordinator(ModelSwitched(None, self.current.key, "reported to a restarted coordinator"))
+
+    def on_peers(self, restarted: frozenset[str]) -> None:
+        """The coordinator was restarted: what it was deciding for the turn in progress died with it; ask again."""
+        turn = self.turn
+        if "coordinator" not in restarted or turn is None:
+            return
+        self.log.info("chat.asked_again", phase=turn.phase, request_id=turn.request.request_id)
+        if turn.phase == "choose":
+            self._tell_coordinator(GetGrantable(turn.request.request_id))
+        elif turn.phase == "grant":
+            self._tell_coordinator(ChatNeeds(turn.step_id, turn.model.key, turn.model.footprint_bytes,
+                                             timeout_s=max(1.0, turn.deadline - time.time())))
 
     def _refresh_availability(self) -> None:
         self.availability = self.backends.availability()

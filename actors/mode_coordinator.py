@@ -81,10 +81,10 @@ class ModeCoordinator(MaiActor):
         initial = saved_mode if saved_mode in settings.modes else None
         self.core = Coordinator(settings, time.time(), learned_footprints=footprints, initial_mode=initial)
         self.log.info("coordinator.ready", mode=self.core.mode, restored_mode=initial or "", learned=sorted(footprints))
-        self._wire(frozenset(("sampler", "vlm", "clip")))
+        self._wire(frozenset(("sampler", "vlm", "clip", "chat")))
 
     def on_peers(self, restarted: frozenset[str]) -> None:
-        self._wire(restarted)
+        self._wire(restarted - {"chat"})  # a restarted agent reports the model it adopted on its own
         step = self.core.step_in_flight if self.core is not None else None
         role = STEP_EXECUTOR.get(type(step).__name__)
         if role in restarted:
@@ -97,7 +97,7 @@ class ModeCoordinator(MaiActor):
         """(Re)connect to these executors: watch VRAM, and ask the others what they observe now (reconcile)."""
         if "sampler" in roles and self.peers.get("sampler") is not None:
             self.send(self.peers["sampler"], WatchVram("coordinator"))
-        for role in ("vlm", "clip"):
+        for role in ("vlm", "clip", "chat"):
             if role in roles and self.peers.get(role) is not None:
                 self.send(self.peers[role], Reobserve())
 
