@@ -27,8 +27,8 @@ from mai.core.coordinator import (
     WakeAt,
 )
 from mai.core.subscriptions import Subscribers
-from messages.events import ModeChanged
-from messages.requests import Subscribe, Subscribed, Unsubscribe, Unsubscribed
+from messages.base import new_request_id
+from messages.requests import SetMode, Subscribe, Subscribed, Unsubscribe, Unsubscribed
 from messages.steps import Reobserve, WatchVram
 from messages.system import Init
 
@@ -69,6 +69,7 @@ class ModeCoordinator(MaiActor):
         self.core: Coordinator | None = None
         self.subscribers = Subscribers()
         self.wakeups: set[float] = set()  # pending wakeup times (Thespian cannot cancel a wakeup)
+        self.saved_modes: tuple[str, str] | None = None  # (mode, target) as last written to mode.json
 
     # --- state files ------------------------------------------------------------------------------------------
     def _path(self, name: str) -> Path:
@@ -76,12 +77,18 @@ class ModeCoordinator(MaiActor):
 
     def on_init(self, init: Init) -> None:
         footprints = _json_load(self._path("footprints.json")) or {}
-        saved_mode = (_json_load(self._path("mode.json")) or {}).get("mode")
+        saved = _json_load(self._path("mode.json")) or {}
+        saved_mode, saved_target = saved.get("mode"), saved.get("target")
         settings = CoordinatorSettings.from_config(init.config)
         initial = saved_mode if saved_mode in settings.modes else None
         self.core = Coordinator(settings, time.time(), learned_footprints=footprints, initial_mode=initial)
+        self.saved_modes = (self.core.mode, self.core.target_mode)
         self.log.info("coordinator.ready", mode=self.core.mode, restored_mode=initial or "", learned=sorted(footprints))
         self._wire(frozenset(("sampler", "vlm", "clip", "chat")))
+        if initial is not None and saved_target in settings.modes and saved_target != initial:
+            # A restart in the middle of a mode change goes on toward the mode last asked for, as if asked again.
+            self.log.info("coordinator.target_restored", mode=initial, target=saved_target)
+            self._to_core(SetMode(new_request_id(), saved_target), None)
 
     def on_peers(self, restarted: frozenset[str]) -> None:
         self._wire(restarted - {"chat"})  # a restarted agent reports the model it adopted on its own
@@ -109,6 +116,10 @@ class ModeCoordinator(MaiActor):
         effects = self.guarded(request_id, sender, self.core.handle, msg, sender, time.time())
         for effect in effects or ():
             self._execute(effect)
+        modes = (self.core.mode, self.core.target_mode)
+        if modes != self.saved_modes:  # what a restart (of this actor or of Mai) restores
+            _json_save(self._path("mode.json"), {"mode": modes[0], "target": modes[1]})
+            self.saved_modes = modes
 
     def _execute(self, effect: Any) -> None:
         if isinstance(effect, SendStep):
@@ -118,12 +129,11 @@ class ModeCoordinator(MaiActor):
             else:
                 self.send(target, effect.message)
         elif isinstance(effect, Reply):
-            self.send(effect.to, effect.message)
+            if effect.to is not None:  # None: a request the shell made itself (a restored target)
+                self.send(effect.to, effect.message)
         elif isinstance(effect, Publish):
             for subscriber in self.subscribers.live(time.time()):
                 self.send(subscriber, effect.event)
-            if isinstance(effect.event, ModeChanged):
-                _json_save(self._path("mode.json"), {"mode": effect.event.mode})
         elif isinstance(effect, WakeAt):
             self._wake_at(effect.at)
         elif isinstance(effect, Log):
