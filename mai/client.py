@@ -12,11 +12,11 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from bootstrap import system as boot
 from messages.base import new_request_id
-from messages.errors import InvalidRequest, MaiError, NotRunning, OperationTimeout
+from messages.errors import ConnectionLost, InvalidRequest, MaiError, NotRunning, OperationTimeout
 from messages.failure import Failure
 from messages.requests import (
     AcquireLease,
@@ -43,6 +43,12 @@ from messages.status import Status
 from messages.system import GetSystemInfo, Ping, Pong, SystemInfo
 
 _SLACK_S = 2.0  # the actor answers at its own deadline; wait a little longer than that for the reply
+RESTART_CHECK_S = 2.0  # after this long without the answer, ask the supervisor whether the actor was restarted
+NOT_RESENT = frozenset({"NewConversation"})  # the one request that is not idempotent: a second would start another
+
+
+class _Replaced(Exception):
+    """The actor asked was restarted before it answered: the request died with it."""
 
 
 class MaiClient:
@@ -68,22 +74,28 @@ class MaiClient:
                 self._contexts.append(ctx)
         return ctx
 
-    def _ask_address(self, address: Any, message: Any, timeout_s: float) -> Any:
+    def _ask_address(self, address: Any, message: Any, timeout_s: float,
+                     replaced: Callable[[], bool] | None = None) -> Any:
+        """Send and wait for the reply with this request id; every `RESTART_CHECK_S` of silence, `replaced()`
+        may say the actor is gone (`_Replaced`)."""
         request_id = message.request_id
         ctx = self._context()
         deadline = time.monotonic() + timeout_s
-        reply = ctx.ask(address, message, timeout_s)
-        while reply is not None and getattr(reply, "request_id", None) != request_id:
-            remaining = deadline - time.monotonic()  # a late reply to an earlier, timed-out ask: skip it
+        ctx.tell(address, message)
+        while True:
+            remaining = deadline - time.monotonic()
             if remaining <= 0:
-                reply = None
-                break
-            reply = ctx.listen(remaining)
-        if reply is None:
-            raise OperationTimeout(f"no answer to {type(message).__name__} within {timeout_s:.1f} s")
-        if isinstance(reply, Failure):
-            raise reply.to_error()
-        return reply
+                raise OperationTimeout(f"no answer to {type(message).__name__} within {timeout_s:.1f} s")
+            reply = ctx.listen(min(remaining, RESTART_CHECK_S) if replaced is not None else remaining)
+            if reply is None:
+                if replaced is not None and replaced():
+                    raise _Replaced()
+                continue
+            if getattr(reply, "request_id", None) != request_id:
+                continue  # a late reply to an earlier, timed-out ask: skip it
+            if isinstance(reply, Failure):
+                raise reply.to_error()
+            return reply
 
     def system_info(self, timeout_s: float | None = None) -> SystemInfo:
         timeout_s = timeout_s or self.config.system.ask_timeout_s
@@ -103,12 +115,35 @@ class MaiClient:
         return address
 
     def _ask(self, role: str, message: Any, timeout_s: float) -> Any:
-        try:
-            return self._ask_address(self._address(role), message, timeout_s)
-        except OperationTimeout:
-            with self._lock:
-                self._info = None  # the actor may have been restarted at a new address
-            raise
+        """Ask the actor playing `role`. If it is restarted before it answers (a crash), its successor is asked
+        the same (idempotent) request within the same timeout: the caller gets an answer, not a long wait."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            address = self._address(role)
+            try:
+                return self._ask_address(address, message, max(0.05, deadline - time.monotonic()),
+                                         lambda asked=address: self._replaced(role, asked, deadline))
+            except _Replaced:
+                if type(message).__name__ in NOT_RESENT:
+                    raise ConnectionLost(f"the {role} actor was restarted while handling {type(message).__name__}; "
+                                         "it may or may not have been done") from None
+            except OperationTimeout:
+                with self._lock:
+                    self._info = None  # the actor may have been restarted at a new address
+                raise
+
+    def _replaced(self, role: str, address: Any, deadline: float) -> bool:
+        """The supervisor has a successor for `role` at another address (asked on a private endpoint, so the
+        reply we are waiting for is not consumed here; never past the caller's deadline)."""
+        timeout_s = min(self.config.system.ask_timeout_s, deadline - time.monotonic())
+        if timeout_s <= 0.05:
+            return False
+        info = boot.system_info(self._asys, self._supervisor, timeout_s)
+        if info is None or info.address_of(role) in (None, address):
+            return False
+        with self._lock:
+            self._info = info
+        return True
 
     # --- modes and the VLM ------------------------------------------------------------------------------------
     def set_mode(self, mode: str, *, wait: bool = False, timeout_s: float = 120.0) -> ModeAccepted | ModeReached:

@@ -5,7 +5,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from messages.base import check_instance, check_int, check_number, check_text
+from messages.base import check_instance, check_int, check_number, check_text, invalid
+
+
+def check_peers(obj: object) -> None:
+    """(role, actor address or None) pairs: an actor sends to these, so anything else would break every send."""
+    from thespian.actors import ActorAddress
+
+    peers = getattr(obj, "peers")
+    if not isinstance(peers, tuple) or not all(
+        isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str)
+        and (pair[1] is None or isinstance(pair[1], ActorAddress))
+        for pair in peers
+    ):
+        raise invalid(type(obj).__name__, "peers", peers, "a tuple of (role, actor address or None) pairs")
 
 
 @dataclass(frozen=True)
@@ -18,6 +31,10 @@ class Init:
     restart_count: int = 0
 
     def __post_init__(self) -> None:
+        from config.schema import MaiConfig  # here: config imports messages
+
+        check_instance(self, "config", MaiConfig)  # an actor adopts it: anything else leaves the actor unusable
+        check_peers(self)
         check_int(self, "restart_count")
 
     def peer(self, role: str) -> Any:
@@ -92,6 +109,9 @@ class Peers:
     """Supervisor → children after a restart changed someone's address."""
 
     peers: tuple[tuple[str, Any], ...]
+
+    def __post_init__(self) -> None:
+        check_peers(self)
 
     def peer(self, role: str) -> Any:
         return dict(self.peers).get(role)

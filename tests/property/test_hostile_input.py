@@ -50,6 +50,7 @@ def _message_classes() -> list[type]:
 
 
 MESSAGE_CLASSES = _message_classes()
+CONFIG = load_config(env={})
 SNAPSHOT = VramSnapshot(8 * 2**30, 2**30, 7 * 2**30, "simulated", "Simulated GPU", 1_700_000_000.0)
 FAILURE = Failure("r1", Reason.TIMEOUT, "no answer")
 
@@ -87,7 +88,7 @@ VALID: dict[str, dict[str, Any]] = {
     "History": dict(request_id="r1", conversation_id="c1", entries=()),
     "HistoryEntry": dict(role="user", content="hi", model=None, status="complete", created_at=1.0),
     "IdleUnloaded": dict(model="qwen2.5vl:7b", idle_s=300.0, at=1.0),
-    "Init": dict(config=None, peers=(), restart_count=0),
+    "Init": dict(config=CONFIG, peers=(), restart_count=0),
     "LeaseGranted": dict(request_id="r1", lease_id="l1", model="qwen2.5vl:7b", host="http://127.0.0.1:11434",
                          num_ctx=8192, expires_in_s=60.0),
     "LeaseReleased": dict(request_id="r1", lease_id="l1", held_s=1.0),

@@ -1,8 +1,8 @@
 """Garbage sent straight to the running actors: strings, numbers, dicts, and Mai's own messages with values their
 constructors would refuse (unpickling skips `__post_init__`, so a socket can deliver what no constructor builds).
 
-Every actor must answer such a request with a Failure naming the field, or ignore it, and keep running: same PID,
-no restart, and the system still answers status and switches modes afterwards."""
+Every actor must answer such a request with a Failure naming the field, or ignore it, and keep working: same PID,
+no restart, still answering what it is there for, and the system still switches modes afterwards."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import decimal
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 from actors.clip_mover import ClipMover
 from actors.conversation_agent import ConversationAgent
@@ -21,7 +21,11 @@ from actors.vram_sampler import VramSampler
 from messages.base import new_request_id
 from messages.errors import InvalidRequest, Reason
 from messages.failure import Failure
-from messages.system import Ping, Pong
+from messages.conversation import GetHistory, History
+from messages.requests import ClipDeviceIs, GetClipDevice, GetStatus
+from messages.status import Status
+from messages.steps import GetVram, LoadVlm, StepFailed, VlmLoaded, VramReading
+from messages.system import GetSystemInfo, Init, Peers, Ping, Pong, SystemInfo
 from tests.property.test_hostile_input import MESSAGE_CLASSES, VALID, unchecked
 from tests.system.harness import running_mai, wait_for
 
@@ -29,9 +33,9 @@ pytestmark = pytest.mark.slow
 
 ACTOR_CLASSES = {"supervisor": Supervisor, "sampler": VramSampler, "vlm": VlmLoader, "clip": ClipMover,
                  "chat": ConversationAgent, "coordinator": ModeCoordinator}
-# Never sent: the supervisor's wiring (Init, Peers) is trusted by design; see the report on who may send it.
-NOT_SENT = {"Init", "Peers"}
-BY_NAME = {cls.__name__: cls for cls in MESSAGE_CLASSES if cls.__name__ not in NOT_SENT}
+# The supervisor's wiring: a valid one reconfigures the actor, as it should, so only refused ones are sent.
+WIRING = {"Init", "Peers"}
+BY_NAME = {cls.__name__: cls for cls in MESSAGE_CLASSES}
 
 
 def _handled(actor_cls: type) -> list[type]:
@@ -72,6 +76,7 @@ def hostile_message(draw: Any, handled: list[type]) -> tuple[Any, str | None]:
         refused_field = None
     except InvalidRequest as err:
         refused_field = str(err.details.get("field"))
+    assume(refused_field is not None or cls.__name__ not in WIRING)
     return unchecked(cls, values), refused_field
 
 
@@ -91,6 +96,29 @@ def _ping(client: Any, address: Any, timeout_s: float = 20.0) -> Pong:
     reply = client._ask_address(address, Ping(new_request_id()), timeout_s)
     assert isinstance(reply, Pong), reply
     return reply
+
+
+# What each actor is there for: a request only an initialised, working actor answers (Ping is answered even by an
+# actor whose configuration was taken away, so it proves nothing).
+PROBES = {
+    "supervisor": (lambda: GetSystemInfo(new_request_id()), SystemInfo),
+    "sampler": (lambda: GetVram(new_request_id()), VramReading),
+    "vlm": (lambda: LoadVlm(new_request_id(), "probe:latest"), (VlmLoaded, StepFailed)),  # Ollama is not there
+    "clip": (lambda: GetClipDevice(new_request_id()), ClipDeviceIs),
+    "chat": (lambda: GetHistory(new_request_id(), 1), History),
+    "coordinator": (lambda: GetStatus(new_request_id()), Status),
+}
+
+
+def _works(client: Any, role: str, address: Any, timeout_s: float = 20.0) -> bool:
+    build, answer = PROBES[role]
+    request = build()
+    key = getattr(request, "request_id", None) or request.step_id
+    with client._asys.private() as ctx:
+        reply = ctx.ask(address, request, timeout_s)
+        while reply is not None and key not in (getattr(reply, "request_id", None), getattr(reply, "step_id", None)):
+            reply = ctx.listen(timeout_s)
+    return isinstance(reply, answer)
 
 
 def _send(client: Any, address: Any, message: Any, refused_field: str | None) -> Any:
@@ -127,6 +155,7 @@ def test_an_actor_refuses_or_ignores_hostile_messages_and_keeps_running(system, 
                 and getattr(message, "request_id").strip() and not isinstance(message, Failure):
             pytest.fail(f"{role} did not answer {type(message).__name__} refused on {refused_field}")
         assert _ping(client, address).pid == pids[role], f"{role} was replaced after {message!r}"
+        assert _works(client, role, address), f"{role} stopped working after {message!r}"
 
     one()
 
@@ -139,3 +168,12 @@ def test_after_the_garbage_mai_still_answers_and_switches_modes(system):
     reached = client.set_mode("idle", wait=True, timeout_s=60)
     assert reached.mode == "idle"
     assert running.status_json()["gpu"]["mode"] == "idle"  # the CLI renders whatever status holds now
+
+
+@pytest.mark.parametrize("role", sorted(ACTOR_CLASSES))
+def test_a_wiring_message_without_a_configuration_does_not_take_an_actors_away(system, role):
+    running, client, addresses, pids = system
+    with client._asys.private() as ctx:  # an actor used to adopt it, then hold every later message for an Init
+        ctx.tell(addresses[role], unchecked(Init, {"config": None, "peers": (), "restart_count": 0}))
+        ctx.tell(addresses[role], unchecked(Peers, {"peers": (("coordinator", "nowhere"),)}))
+    assert _works(client, role, addresses[role])
