@@ -620,6 +620,9 @@ class _Dropped(Exception):
 
 class OllamaHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive and chunked streaming, as the real server
+    # TCP_NODELAY, as Go's net/http sets it: otherwise a body written after its headers waits for the client's
+    # delayed ACK, and every request on a kept-alive connection takes ~40 ms more than the simulated work.
+    disable_nagle_algorithm = True
     server_version = "SimulatedOllama/" + VERSION
     sys_version = ""
 
