@@ -31,13 +31,16 @@ from messages.conversation import (
     SwitchModel,
     UserTurn,
 )
-from messages.errors import OperationTimeout
+from messages.errors import ConnectionLost, MaiError, OperationTimeout
 from messages.failure import Failure
+
+AGENT_CHECK_S = 2.0  # after this long without a word from the agent, ask the supervisor whether it was restarted
 
 
 def stream_turn(client: Any, text: str, timeout_s: float, *, on_restart: Callable[[], None] | None = None) -> Iterator[str | ReplyDone]:
     """Send one user turn and yield the reply's text batches, then the ReplyDone. Closing the generator early
-    (or Ctrl-C) cancels the reply; the session and the history stay intact."""
+    (or Ctrl-C) cancels the reply; the session and the history stay intact. An agent that dies mid-turn is
+    noticed within `AGENT_CHECK_S` (its successor will not answer for it): `ConnectionLost`, not a long wait."""
     request = UserTurn(new_request_id(), text, timeout_s)
     agent = client._address("chat")
     with client._asys.private() as ctx:
@@ -46,9 +49,18 @@ def stream_turn(client: Any, text: str, timeout_s: float, *, on_restart: Callabl
         finished = False
         try:
             while True:
-                message = ctx.listen(max(0.05, deadline - time.monotonic()))
-                if message is None:
+                message = ctx.listen(max(0.05, min(AGENT_CHECK_S, deadline - time.monotonic())))
+                if message is None and time.monotonic() >= deadline:
+                    finished = True  # nobody answers: tell the agent to cancel, but do not wait for it as well
+                    ctx.tell(agent, CancelReply(request.request_id))
                     raise OperationTimeout(f"no reply from the conversation agent within {timeout_s:.0f} s")
+                if message is None:
+                    if _agent_replaced(client, agent, deadline):
+                        finished = True
+                        raise ConnectionLost("the conversation agent was restarted during this turn; your message and "
+                                             "the part of the reply already streamed are in the history (the reply "
+                                             "marked interrupted)")
+                    continue
                 if getattr(message, "request_id", None) != request.request_id:
                     continue
                 if isinstance(message, Failure):
@@ -71,6 +83,18 @@ def stream_turn(client: Any, text: str, timeout_s: float, *, on_restart: Callabl
                     message = ctx.listen(0.5)
                     if isinstance(message, (ReplyDone, Failure)) and message.request_id == request.request_id:
                         break
+
+
+def _agent_replaced(client: Any, agent: Any, deadline: float) -> bool:
+    """The supervisor no longer lists `agent` as the conversation agent (it died; a successor may be starting).
+    Asked no later than the turn's deadline."""
+    timeout_s = min(client.config.system.ask_timeout_s, deadline - time.monotonic())
+    if timeout_s <= 0.05:
+        return False
+    try:
+        return client.system_info(timeout_s).address_of("chat") != agent
+    except MaiError:
+        return False  # the supervisor is slow to answer: keep waiting, the deadline still holds
 
 
 class Mai:
