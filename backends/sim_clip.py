@@ -19,10 +19,13 @@ OWNER = "clip"
 
 class SimulatedGpuClip:
     def __init__(self, ledger_path: str, model_name: str, pretrained: str | None, precision: str = "fp32", *,
-                 seed: int | None = None, threads: int | None = None, move_s: float = 0.03) -> None:
+                 seed: int | None = None, threads: int | None = None, move_s: float = 0.03,
+                 footprint_bytes: int | None = None) -> None:
         self.ledger = GpuLedger(ledger_path)
         self.inner = OpenClipAdapter(model_name, pretrained, precision, seed=seed, threads=threads)
         self.move_s = move_s
+        # What it occupies on the simulated GPU: a declared size lets a tiny test model stand in for ViT-B-32.
+        self._footprint_bytes = footprint_bytes
         self.on_gpu = False
         self.ledger.free(OWNER)  # a restarted mover starts on the CPU: what its predecessor held died with it
 
@@ -32,7 +35,7 @@ class SimulatedGpuClip:
 
     @property
     def footprint_bytes(self) -> int:
-        return self.inner.footprint_bytes
+        return self._footprint_bytes or self.inner.footprint_bytes
 
     @property
     def embedding_dim(self) -> int:
@@ -83,5 +86,7 @@ def make_clip_adapter(cfg: Any, ledger_path: str) -> Any:
     """The CLIP adapter the configuration asks for (torch is imported here, inside the mover's process only)."""
     c = cfg.clip
     if c.backend == "simulated":
-        return SimulatedGpuClip(ledger_path, c.model, c.pretrained, c.precision, seed=0, threads=c.threads)
+        declared = c.footprint_mb * 2**20 if c.footprint_mb else None  # clip.footprint_mb: its size on the simulated GPU
+        return SimulatedGpuClip(ledger_path, c.model, c.pretrained, c.precision, seed=0, threads=c.threads,
+                                footprint_bytes=declared)
     return OpenClipAdapter(c.model, c.pretrained, c.precision, threads=c.threads)
