@@ -222,9 +222,12 @@ class MaiClient:
                 answers[child.role] = None
         return answers
 
-    def subscribe(self, ttl_s: float = 30.0, *, duration_s: float | None = None) -> Iterator[Any]:
+    def subscribe(self, ttl_s: float = 30.0, *, duration_s: float | None = None, stop: threading.Event | None = None,
+                  ready: threading.Event | None = None) -> Iterator[Any]:
         """Yield events as they come (ModeChanged, ResourceChanged, IdleUnloaded, ...); renews the
-        subscription as it goes. Stop by breaking out of the loop, or after `duration_s`."""
+        subscription as it goes. Stop by breaking out of the loop, after `duration_s`, or by setting `stop` from
+        another thread (the iteration ends within a quarter second, even when no event comes). `ready` is set once
+        the coordinator has acknowledged the subscription: no event published after that is missed."""
         end = None if duration_s is None else time.monotonic() + duration_s
         with self._asys.private() as ctx:
             renew_at = 0.0
@@ -232,15 +235,19 @@ class MaiClient:
             try:
                 while True:
                     now = time.monotonic()
-                    if end is not None and now >= end:
+                    if (end is not None and now >= end) or (stop is not None and stop.is_set()):
                         return
                     if now >= renew_at:
                         request_id = new_request_id()
                         ctx.tell(self._address("coordinator"), Subscribe(request_id, ttl_s))
                         renew_at = now + ttl_s / 3
                     wait_until = renew_at if end is None else min(renew_at, end)
+                    if stop is not None:
+                        wait_until = min(wait_until, now + 0.25)
                     message = ctx.listen(max(0.05, wait_until - time.monotonic()))
                     if message is None or hasattr(message, "request_id"):
+                        if ready is not None and message is not None and message.request_id == request_id:
+                            ready.set()
                         continue  # a timeout, or the Subscribed acknowledgement
                     yield message
             finally:
