@@ -320,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--follow", action="store_true", help="keep printing until Ctrl-C")
     p.add_argument("--duration", type=_seconds, default=10.0, help="without --follow: seconds to listen (default 10)")
     add("chat", cmd_chat, "chat with Mai in this terminal; /help there lists the commands", json_flag=False)
+    from mai.demo import add_parser as add_demo_parser  # stdlib-only at import: `mai status` stays fast
+
+    add_demo_parser(sub)
     return parser
 
 
