@@ -158,6 +158,17 @@ def prepare_state_dir(cfg: Any) -> Path:
     return path
 
 
+def _private_thespian_log(cfg: Any) -> None:
+    """Thespian's own log (warnings such as an actor's exception, with the message's repr: a chat turn's text)
+    defaults to a shared /tmp/thespian.log that other users can read; keep it in the private state directory,
+    for this process and every process of the system it starts. An explicit THESPLOG_FILE is respected."""
+    from thespian.system import utilis
+
+    if "THESPLOG_FILE" not in os.environ:
+        os.environ["THESPLOG_FILE"] = str(private_file(Path(cfg.system.state_dir) / "thespian.log"))
+        utilis._thesplog_file = None  # Thespian reads the variable once, on its first line
+
+
 def start(cfg: Any, *, console_logs: bool | None = None) -> SystemInfo:
     """Start the actor system and the supervisor tree; return once the supervisor answers.
 
@@ -169,6 +180,9 @@ def start(cfg: Any, *, console_logs: bool | None = None) -> SystemInfo:
     if probe.kind != "none":
         raise MaiError(f"not starting: {probe.describe()}", reason=Reason.BUSY,
                        details={"kind": probe.kind, "version": probe.version or "", "port": probe.port})
+    # Every process of the system descends from this one: whatever a library creates (SQLite's side files,
+    # a rotated log, Thespian's own log) is then private too, whatever the user's umask.
+    os.umask(0o077)
     prepare_state_dir(cfg)
     exposure = cfg.system.exposure_warning()
     if exposure is not None:
@@ -180,6 +194,7 @@ def start(cfg: Any, *, console_logs: bool | None = None) -> SystemInfo:
     file = log_file(cfg)
     if file is not None:
         private_file(file)
+    _private_thespian_log(cfg)
     configure_structlog(cfg.logging.level)
     console = cfg.logging.console if console_logs is None else console_logs
     capabilities = {

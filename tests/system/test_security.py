@@ -161,7 +161,7 @@ def test_the_state_directory_and_everything_in_it_are_private(system):
     system.cli("mode", "idle", "--wait")  # the coordinator writes mode.json
     state_dir = Path(system.config.system.state_dir)
     paths = [state_dir, *state_dir.rglob("*")]
-    assert {"mai.log", "console.log", "mode.json"} <= {p.name for p in paths}
+    assert {"mai.log", "console.log", "mode.json", "thespian.log"} <= {p.name for p in paths}
     modes = {str(p.relative_to(state_dir.parent)): oct(stat.S_IMODE(p.stat().st_mode)) for p in paths}
     want = {str(p.relative_to(state_dir.parent)): oct(0o700 if p.is_dir() else 0o600) for p in paths}
     assert modes == want
