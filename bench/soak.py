@@ -32,6 +32,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from bench.system_runner import bench_system, machine, machine_line, percentile
+
 MiB = 2**20
 MODES = ("autopilot", "recording", "idle")
 OPERATIONS = ("set_mode", "lease", "embed_texts", "embed_images", "get_status")
@@ -176,13 +178,6 @@ def write_images(directory: Path, count: int = 2) -> tuple[str, ...]:
 
 
 # --- figures ------------------------------------------------------------------------------------------------------
-def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile: always a value that was measured."""
-    ordered = sorted(values)
-    rank = max(1, -(-len(ordered) * q // 100))
-    return ordered[int(rank) - 1]
-
-
 def operation_summary(records: Sequence[OpRecord]) -> list[dict[str, Any]]:
     """Per kind: count, outcomes, p50/p99 latency (ms) of every call, answered or not."""
     rows = []
@@ -389,8 +384,6 @@ def inject(fault: str, system: Any, watch: ProcessWatch, rng: random.Random) -> 
 def soak(duration_s: float, clients: int = 4, seed: int = 1, *, fault_every_s: float = 30.0,
          warmup_s: float | None = None, bound_mb: float = RSS_BOUND_MB, log: Any = print) -> dict[str, Any]:
     """Run the soak and return its report (see the module docstring); `log` gets progress lines."""
-    from bench.system_runner import bench_system, machine
-
     warmup_s = warmup_s if warmup_s is not None else min(60.0, duration_s / 5)
     rng = random.Random(seed)
     report: dict[str, Any] = {"duration_s": duration_s, "clients": clients, "seed": seed, "machine": machine(),
@@ -454,8 +447,6 @@ def soak(duration_s: float, clients: int = 4, seed: int = 1, *, fault_every_s: f
 
 
 def report_text(report: dict[str, Any]) -> str:
-    from bench.system_runner import machine_line
-
     lines = [f"soak: {report['duration_s'] / 60:.1f} min, {report['clients']} client processes, seed {report['seed']}",
              machine_line(report["machine"]), "",
              f"RSS per process after {report['warmup_s']:.0f} s of warm-up (bounded: grew at most "
