@@ -23,8 +23,10 @@ everything else, the way the actors and the outside world would, but in virtual 
   calls `observers` with every delivery and every effect *before* it takes effect, so a test can assert
   invariants at the exact instant something happens.
 
-Nothing here sleeps: `advance(seconds)` runs the queue up to a virtual time. The benchmark's trace simulator reuses
-this module to replay a day of an ExecutionLoop in milliseconds.
+Nothing here sleeps: `advance(seconds)` runs the queue up to a virtual time. The trace benchmark (`bench/trace`) drives
+this world to replay days of an ExecutionLoop and a chat user in seconds: the ledger keeps running totals (used, peak)
+and records every allocation refused for lack of memory (`out_of_memory`), and `turn_observers` see when a chat turn
+starts streaming and how it ends.
 """
 
 from __future__ import annotations
@@ -88,13 +90,25 @@ class Allocation:
     begin: float
     end: float | None = None  # None while held
     used_before: int = 0  # ledger use just before this allocation: capacity checks need no replay
+    model: str = ""  # which model of the owner (the chat model's key): a reload is told from a switch
 
     def live_at(self, t: float) -> bool:
         return self.begin <= t and (self.end is None or t < self.end)
 
 
+@dataclass(frozen=True)
+class OutOfMemory:
+    """An allocation refused because it did not fit what was free: what CUDA (or llama.cpp) does."""
+
+    at: float
+    owner: str
+    nbytes: int
+    free_bytes: int
+
+
 class VramLedger:
-    """One GPU's memory, allocation by allocation, with the full history kept."""
+    """One GPU's memory, allocation by allocation, with the full history kept (and the running totals, so a
+    simulated day stays linear in its length): what is held, the peak, and every allocation refused for memory."""
 
     def __init__(self, total_bytes: int, *, gpu_present: bool = True, device_name: str = "sim-gpu",
                  host_total_bytes: int = 64 * GIB) -> None:
@@ -103,26 +117,39 @@ class VramLedger:
         self.device_name = device_name
         self.host_total_bytes = host_total_bytes
         self.allocations: list[Allocation] = []
+        self.out_of_memory: list[OutOfMemory] = []
+        self.peak_bytes = 0
+        self._live: list[Allocation] = []
+        self._used = 0
 
     @property
     def used_bytes(self) -> int:
-        return sum(a.nbytes for a in self.allocations if a.end is None)
+        return self._used
 
     @property
     def free_bytes(self) -> int:
-        return self.total_bytes - self.used_bytes
+        return self.total_bytes - self._used
 
     def held(self, owner: str) -> int:
-        return sum(a.nbytes for a in self.allocations if a.end is None and a.owner == owner)
+        return sum(a.nbytes for a in self._live if a.owner == owner)
 
-    def allocate(self, owner: str, nbytes: int, at: float) -> Allocation:
-        alloc = Allocation(owner, nbytes, at, used_before=self.used_bytes)
+    def allocate(self, owner: str, nbytes: int, at: float, model: str = "") -> Allocation:
+        alloc = Allocation(owner, nbytes, at, used_before=self._used, model=model)
         self.allocations.append(alloc)
+        self._live.append(alloc)
+        self._used += nbytes
+        self.peak_bytes = max(self.peak_bytes, self._used)
         return alloc
 
     def release(self, alloc: Allocation, at: float) -> None:
         if alloc.end is None:
             alloc.end = at
+            self._live.remove(alloc)
+            self._used -= alloc.nbytes
+
+    def refuse(self, owner: str, nbytes: int, at: float) -> None:
+        """Record an allocation that failed for lack of memory (the executor reports the error)."""
+        self.out_of_memory.append(OutOfMemory(at, owner, nbytes, self.free_bytes))
 
     def used_at(self, t: float) -> int:
         return sum(a.nbytes for a in self.allocations if a.live_at(t))
@@ -255,6 +282,7 @@ class Delivery:
 
 
 Observer = Callable[["SimWorld", Any], None]  # called with a Delivery or an effect, before it takes effect
+TurnObserver = Callable[["SimWorld", ChatTurn, str], None]  # a turn starts streaming ("stream") or ends (how)
 
 
 class SimWorld:
@@ -284,6 +312,7 @@ class SimWorld:
         self.now = start_at
         self.timings = timings or Timings()
         self.observers: list[Observer] = list(observers)
+        self.turn_observers: list[TurnObserver] = []  # the agent's side of a turn, which no message shows
         self.ledger = VramLedger(gpu_total_bytes, gpu_present=gpu_present)
         self.gpu_healthy = True
         self.external: Allocation | None = None
@@ -493,10 +522,11 @@ class SimWorld:
         vram = 0
         if self.gpu_usable:
             if self.ledger.free_bytes < candidate.true_bytes:
+                self.ledger.refuse("chat", candidate.true_bytes, self.now)
                 self._fail_after(t.fail_s, record, Reason.OUT_OF_MEMORY, "CUDA out of memory (simulated chat load)")
                 self.at(self.now + t.fail_s, lambda: self._chat_end("out of memory", turn.turn_id))
                 return
-            chat.alloc = self.ledger.allocate("chat", candidate.true_bytes, self.now)
+            chat.alloc = self.ledger.allocate("chat", candidate.true_bytes, self.now, candidate.key)
             vram = candidate.true_bytes
             self._vram_changed()
         load_s = (t.chat_unload_s if previous else 0.0) + t.chat_load_s
@@ -519,6 +549,8 @@ class SimWorld:
             return
         turn.phase = "stream"
         chat.streaming_until = self.now + turn.reply_s
+        for observe in self.turn_observers:
+            observe(self, turn, "stream")
         self.at(chat.streaming_until, lambda: self._chat_end("replied", turn.turn_id))
 
     def _chat_end(self, how: str, turn_id: str | None = None) -> None:
@@ -526,7 +558,9 @@ class SimWorld:
         if chat.turn is None or (turn_id is not None and chat.turn.turn_id != turn_id):
             return
         chat.outcomes.append((self.now, chat.turn.turn_id, how))
-        chat.turn = None
+        turn, chat.turn = chat.turn, None
+        for observe in self.turn_observers:
+            observe(self, turn, how)
         chat.streaming_until = min(chat.streaming_until, self.now)
         if chat.deferred_yield is not None:
             record, chat.deferred_yield = chat.deferred_yield, None
@@ -696,6 +730,7 @@ class SimWorld:
         elif msg.device == "gpu" and not self.gpu_usable:
             self._fail_after(t.fail_s, record, Reason.NO_GPU, "no CUDA device (simulated)")
         elif msg.device == "gpu" and self.ledger.free_bytes < clip.true_bytes:
+            self.ledger.refuse("clip", clip.true_bytes, self.now)
             self._fail_after(t.fail_s, record, Reason.OUT_OF_MEMORY, "CUDA out of memory (simulated)")
         elif msg.device == "gpu":
             clip.alloc = self.ledger.allocate("clip", clip.true_bytes, self.now)
