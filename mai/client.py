@@ -77,25 +77,28 @@ class MaiClient:
     def _ask_address(self, address: Any, message: Any, timeout_s: float,
                      replaced: Callable[[], bool] | None = None) -> Any:
         """Send and wait for the reply with this request id; every `RESTART_CHECK_S` of silence, `replaced()`
-        may say the actor is gone (`_Replaced`)."""
+        may say the actor is gone (`_Replaced`). `ask`, not `tell`: an external tell to a dead actor blocks until
+        Thespian gives up on it (35 s), an ask returns at its timeout."""
         request_id = message.request_id
         ctx = self._context()
         deadline = time.monotonic() + timeout_s
-        ctx.tell(address, message)
+        slice_s = RESTART_CHECK_S if replaced is not None else timeout_s
+        reply = ctx.ask(address, message, min(timeout_s, slice_s))
         while True:
+            if reply is None:
+                if replaced is not None and time.monotonic() < deadline and replaced():
+                    self._drop_context()
+                    raise _Replaced()
+            elif getattr(reply, "request_id", None) == request_id:
+                if isinstance(reply, Failure):
+                    raise reply.to_error()
+                return reply
+            # else: a late reply to an earlier, timed-out ask: skip it
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                self._drop_context()
                 raise OperationTimeout(f"no answer to {type(message).__name__} within {timeout_s:.1f} s")
-            reply = ctx.listen(min(remaining, RESTART_CHECK_S) if replaced is not None else remaining)
-            if reply is None:
-                if replaced is not None and replaced():
-                    raise _Replaced()
-                continue
-            if getattr(reply, "request_id", None) != request_id:
-                continue  # a late reply to an earlier, timed-out ask: skip it
-            if isinstance(reply, Failure):
-                raise reply.to_error()
-            return reply
+            reply = ctx.listen(min(remaining, slice_s))
 
     def system_info(self, timeout_s: float | None = None) -> SystemInfo:
         timeout_s = timeout_s or self.config.system.ask_timeout_s
@@ -131,6 +134,20 @@ class MaiClient:
                 with self._lock:
                     self._info = None  # the actor may have been restarted at a new address
                 raise
+
+    def _drop_context(self) -> None:
+        """This thread's endpoint got no answer in time: it may have sent to a dead actor, a send Thespian retries
+        for 35 s while the endpoint receives nothing else. It is closed; the next call gets a fresh one."""
+        ctx, self._local.ctx = getattr(self._local, "ctx", None), None
+        if ctx is None:
+            return
+        with self._lock:
+            if ctx in self._contexts:
+                self._contexts.remove(ctx)
+        try:
+            ctx.exit_clone()
+        except Exception:  # noqa: BLE001 - closing best effort, as in close()
+            pass
 
     def _replaced(self, role: str, address: Any, deadline: float) -> bool:
         """The supervisor has a successor for `role` at another address (asked on a private endpoint, so the
