@@ -31,7 +31,7 @@ from messages.conversation import (
     SwitchModel,
     UserTurn,
 )
-from messages.errors import ConnectionLost, MaiError, OperationTimeout
+from messages.errors import ConnectionLost, MaiError, NotRunning, OperationTimeout
 from messages.failure import Failure
 
 AGENT_CHECK_S = 2.0  # after this long without a word from the agent, ask the supervisor whether it was restarted
@@ -42,7 +42,10 @@ def stream_turn(client: Any, text: str, timeout_s: float, *, on_restart: Callabl
     (or Ctrl-C) cancels the reply; the session and the history stay intact. An agent that dies mid-turn is
     noticed within `AGENT_CHECK_S` (its successor will not answer for it): `ConnectionLost`, not a long wait."""
     request = UserTurn(new_request_id(), text, timeout_s)
-    agent = client._address("chat")
+    # Looked up for every turn, not cached: a message to a dead agent's address would block for 35 s.
+    agent = client.system_info().address_of("chat")
+    if agent is None:
+        raise NotRunning("the conversation agent is restarting; try again in a moment")
     with client._asys.private() as ctx:
         ctx.tell(agent, request)
         deadline = time.monotonic() + timeout_s + 5
@@ -51,8 +54,7 @@ def stream_turn(client: Any, text: str, timeout_s: float, *, on_restart: Callabl
             while True:
                 message = ctx.listen(max(0.05, min(AGENT_CHECK_S, deadline - time.monotonic())))
                 if message is None and time.monotonic() >= deadline:
-                    finished = True  # nobody answers: tell the agent to cancel, but do not wait for it as well
-                    ctx.tell(agent, CancelReply(request.request_id))
+                    finished = True  # the agent ends a turn at its own deadline: nothing to cancel, nobody to wait for
                     raise OperationTimeout(f"no reply from the conversation agent within {timeout_s:.0f} s")
                 if message is None:
                     if _agent_replaced(client, agent, deadline):
