@@ -59,6 +59,8 @@ def cmd_start(args: argparse.Namespace) -> int:
         from bootstrap.__main__ import run_foreground
 
         return run_foreground(cfg, console_logs=True)
+    if warning := cfg.system.exposure_warning():  # the detached system's own warning reaches console.log only
+        print(f"mai: warning: {warning}", file=sys.stderr)
     probe = boot.probe_admin(cfg)
     if probe.kind != "none":
         _emit(args, {"started": False, "running": probe.__dict__}, f"mai: not starting: {probe.describe()}")

@@ -110,3 +110,20 @@ def test_prepare_state_dir_tightens_an_open_state_dir_and_says_so(tmp_path, caps
     assert (event["level"], event["event"], event["paths"]) == ("warning", "state_dir.tightened", [f"{state} 0755 -> 0700"])
     prepare_state_dir(cfg)  # nothing left to tighten: silent
     assert capsys.readouterr().err == "" and len((state / "mai.log").read_text().splitlines()) == 1
+
+
+def test_a_detached_start_warns_on_the_terminal_before_it_exposes_mai(tmp_path, monkeypatch, capsys):
+    """`mai start` hands the system to a background process whose warning lands in console.log only: the CLI itself
+    must say it on the user's terminal."""
+    import yaml
+
+    from bootstrap import system as boot
+    from mai import cli
+
+    config = tmp_path / "mai.yaml"
+    config.write_text(yaml.safe_dump({"system": {"bind_address": "0.0.0.0", "allow_remote": True,
+                                                 "state_dir": str(tmp_path / "state")}}))
+    monkeypatch.setattr(boot, "probe_admin", lambda cfg: boot.AdminProbe("mai", cfg.system.admin_port, "0.1.0"))
+    assert cli.main(["--config", str(config), "start"]) == 0  # "already running": nothing is started
+    err = capsys.readouterr().err
+    assert "mai: warning: system.bind_address is 0.0.0.0 and system.allow_remote is true" in err
