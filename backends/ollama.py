@@ -163,9 +163,12 @@ class OllamaAdapter:
             )
         return state
 
-    def unload(self, model: str, *, wait_gone_s: float = 30.0, poll_s: float = 0.1) -> float:
+    def unload(self, model: str, *, wait_gone_s: float = 30.0, poll_s: float = 0.01, poll_max_s: float = 0.1) -> float:
         """Ask Ollama to unload `model`, then wait until /api/ps no longer lists it (the reply comes first, the
-        runner goes later). Returns the seconds waited. Unloading a model that is not loaded is fine."""
+        runner goes later). Returns the seconds waited. Unloading a model that is not loaded is fine.
+
+        The poll starts at `poll_s` and doubles up to `poll_max_s`: the runner is often gone within milliseconds, and
+        a fixed 100 ms poll added up to 100 ms to every switch into AUTOPILOT (bench/mode_switch.py)."""
         _check_model(model)
         started = time.monotonic()
         try:
@@ -181,6 +184,7 @@ class OllamaAdapter:
                     details={"host": self.host, "model": model, "op": "unload", "timeout_s": wait_gone_s},
                 )
             time.sleep(poll_s)
+            poll_s = min(poll_s * 2, poll_max_s)
         return time.monotonic() - started
 
     # -- inference ----------------------------------------------------------------------------------------------
