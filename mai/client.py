@@ -255,9 +255,18 @@ class MaiClient:
                     if (end is not None and now >= end) or (stop is not None and stop.is_set()):
                         return
                     if now >= renew_at:
-                        request_id = new_request_id()
-                        ctx.tell(self._address("coordinator"), Subscribe(request_id, ttl_s))
-                        renew_at = now + ttl_s / 3
+                        # Look the coordinator up afresh: a restarted one lives at a new address and knows no
+                        # subscribers, so renewing at the cached address would go quiet for good.
+                        with self._lock:
+                            self._info = None
+                        try:
+                            coordinator = self._address("coordinator")
+                        except MaiError:
+                            renew_at = now + min(1.0, ttl_s / 3)  # restarting: try again shortly
+                        else:
+                            request_id = new_request_id()
+                            ctx.tell(coordinator, Subscribe(request_id, ttl_s))
+                            renew_at = now + ttl_s / 3
                     wait_until = renew_at if end is None else min(renew_at, end)
                     if stop is not None:
                         wait_until = min(wait_until, now + 0.25)

@@ -331,6 +331,36 @@ def test_sigkill_of_an_idle_actor_is_restarted_and_reconciled(world, role):
     assert f"last_user=still there after the {role} died?" in reply
 
 
+def test_a_subscription_follows_a_restarted_coordinator(world):
+    """`mai events --follow` and an ExecutionLoop's subscribe() keep receiving events after the coordinator is
+    restarted: the renewal finds the successor instead of renewing at the dead address forever."""
+    w = world
+    _to_mode(w, "recording")
+    listener = w.system.client()
+    events: list[Any] = []
+    stop, ready = threading.Event(), threading.Event()
+
+    def listen() -> None:
+        for event in listener.subscribe(ttl_s=3.0, stop=stop, ready=ready):
+            events.append(event)
+
+    thread = threading.Thread(target=listen, daemon=True)
+    thread.start()
+    try:
+        assert ready.wait(30), "the subscription was never acknowledged"
+        victim = _actor(w.client, "coordinator")
+        _wait_restarted(w.client, victim, _kill(victim))
+        time.sleep(2.0)  # renewed every ttl_s / 3: events published before the successor knows it reach nobody
+        w.client.set_mode("autopilot", wait=True, timeout_s=60)
+        wait_for(lambda: any(type(e).__name__ == "ModeChanged" and e.mode == "autopilot" for e in events),
+                 timeout_s=30)
+    finally:
+        stop.set()
+        thread.join(10)
+        listener.close()
+    _settled(w.client, "autopilot")
+
+
 # --- SIGKILL of each actor in the middle of its operation -------------------------------------------------------
 
 CALL_TIMEOUT_S = 20.0  # the client call in flight: it must come back (answer or typed error) within this
