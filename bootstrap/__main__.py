@@ -11,7 +11,10 @@ import sys
 import time
 from typing import Any
 
+import psutil
+
 from bootstrap import system as boot
+from bootstrap.paths import stopping_marker
 
 
 def run_foreground(cfg: Any, *, console_logs: bool = True, out: Any = sys.stdout) -> int:
@@ -34,16 +37,37 @@ def run_foreground(cfg: Any, *, console_logs: bool = True, out: Any = sys.stdout
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
+    supervisor_pid = info.supervisor_pid
     while not stopping["flag"]:
         time.sleep(0.2)
         _reap_children()
         if not boot._port_open(cfg.system.bind_address, cfg.system.admin_port):
             print("mai: the actor system has stopped", file=out, flush=True)
             return 0
+        if not _alive(supervisor_pid) and not stopping["flag"] and not stopping_marker(cfg).exists():
+            supervisor_pid = _revive(cfg, out) or supervisor_pid
     report = boot.stop(cfg)
     killed = f"; killed {len(report.killed)} leftover processes" if report.killed else ""
     print(f"Mai stopped in {report.duration_s:.2f} s{killed}", file=out, flush=True)
     return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _revive(cfg: Any, out: Any) -> int | None:
+    """The supervisor died (SIGKILL, OOM killer): start a new one; None when that failed (tried again next turn)."""
+    try:
+        info = boot.revive_supervisor(cfg)
+    except Exception as err:  # noqa: BLE001 - reported, retried on the next turn of the loop
+        print(f"mai: the supervisor died and could not be restarted yet: {err}", file=out, flush=True)
+        return None
+    print(f"mai: the supervisor died; restarted it (pid {info.supervisor_pid}) with every actor", file=out, flush=True)
+    return info.supervisor_pid
 
 
 def _reap_children() -> None:

@@ -29,6 +29,12 @@ def ledger_path(cfg: Any) -> str:
     return str(under_state_dir(cfg, cfg.gpu.simulated_ledger or "sim-gpu.sqlite"))
 
 
+def stopping_marker(cfg: Any) -> Path:
+    """Present while `mai stop` shuts the system down: the foreground process must not revive a supervisor that
+    is exiting on purpose."""
+    return Path(cfg.system.state_dir) / "stopping"
+
+
 def log_file(cfg: Any) -> Path | None:
     return None if cfg.logging.file is None else under_state_dir(cfg, cfg.logging.file)
 

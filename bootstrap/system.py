@@ -18,7 +18,7 @@ from typing import Any
 
 import bootstrap.loopback as loopback
 from bootstrap.logs import append_event, configure_structlog, get_logger, log_defs
-from bootstrap.paths import ledger_path, log_file, private_dir, private_file
+from bootstrap.paths import ledger_path, log_file, private_dir, private_file, stopping_marker
 from mai import __version__
 from messages.base import new_request_id
 from messages.errors import MaiError, NotRunning, OperationTimeout, Reason
@@ -184,6 +184,7 @@ def start(cfg: Any, *, console_logs: bool | None = None) -> SystemInfo:
     # a rotated log, Thespian's own log) is then private too, whatever the user's umask.
     os.umask(0o077)
     prepare_state_dir(cfg)
+    stopping_marker(cfg).unlink(missing_ok=True)
     exposure = cfg.system.exposure_warning()
     if exposure is not None:
         warn(cfg, "system.remote_access", exposure, bind_address=cfg.system.bind_address, port=cfg.system.admin_port)
@@ -217,6 +218,29 @@ def start(cfg: Any, *, console_logs: bool | None = None) -> SystemInfo:
         raise
     log.info("system.started", port=cfg.system.admin_port, version=__version__, pid=os.getpid())
     _close(asys)
+    return info
+
+
+def revive_supervisor(cfg: Any) -> SystemInfo:
+    """Create and wire a new supervisor after the old one died (its children die with it; the admin lives on).
+
+    Nobody supervises the supervisor inside Thespian (the admin only drops its global name), so the process that
+    started the system does: the new supervisor starts fresh children, which reconcile from the world (Ollama's
+    /api/ps, the persisted mode, conversation and footprints) as after any restart."""
+    from messages.system import Init
+
+    asys = attach(cfg)
+    try:
+        supervisor = supervisor_address(asys)
+        asys.tell(supervisor, Init(cfg, ()))
+        info = wait_until_up(cfg, asys, supervisor, cfg.system.start_timeout_s)
+    finally:
+        _close(asys)
+    file = log_file(cfg)
+    if file is not None:  # this process is no actor: it writes its line to the log file itself, as at start
+        append_event(file, "warning", "mai.bootstrap", "supervisor.revived", port=cfg.system.admin_port,
+                     pid=info.supervisor_pid,
+                     detail="the supervisor died; a new one restarted every actor, which reconciled from the world")
     return info
 
 
@@ -283,6 +307,10 @@ def stop(cfg: Any, timeout_s: float | None = None) -> StopReport:
     if not _port_open(cfg.system.bind_address, cfg.system.admin_port):
         return StopReport(False, 0.0)
     procs = system_processes(cfg.system.admin_port)
+    try:
+        private_file(stopping_marker(cfg))
+    except OSError:
+        pass  # an unusable state dir: the foreground process may revive a supervisor; the kill below still ends it
     try:
         asys = attach(cfg)
         _with_timeout(asys.shutdown, timeout_s, "the actor system's shutdown")

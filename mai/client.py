@@ -61,6 +61,7 @@ class MaiClient:
         self._local = threading.local()
         self._contexts: list[Any] = []
         self._lock = threading.Lock()  # guards the address cache and the context list only, never an ask
+        self._lookup_lock = threading.Lock()  # one global-name lookup on the shared system handle at a time
         self._info: SystemInfo | None = None
         self._supervisor = boot.supervisor_address(asys)
 
@@ -102,10 +103,30 @@ class MaiClient:
 
     def system_info(self, timeout_s: float | None = None) -> SystemInfo:
         timeout_s = timeout_s or self.config.system.ask_timeout_s
-        info = self._ask_address(self._supervisor, GetSystemInfo(new_request_id()), timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self._lock:
+                supervisor = self._supervisor
+            try:
+                info = self._ask_address(supervisor, GetSystemInfo(new_request_id()),
+                                         max(0.05, deadline - time.monotonic()),
+                                         lambda asked=supervisor: self._supervisor_replaced(asked))
+            except _Replaced:
+                continue  # ask the revived supervisor within the same timeout
+            with self._lock:
+                self._info = info
+            return info
+
+    def _supervisor_replaced(self, asked: Any) -> bool:
+        """A silent supervisor may have died and been revived at a new address (bootstrap's foreground process
+        does that): look its global name up again, so a long-lived client follows it."""
+        with self._lookup_lock:
+            current = boot.supervisor_address(self._asys)
+        if current == asked:
+            return False
         with self._lock:
-            self._info = info
-        return info
+            self._supervisor, self._info = current, None
+        return True
 
     def _address(self, role: str) -> Any:
         with self._lock:

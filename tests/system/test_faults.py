@@ -37,6 +37,7 @@ from messages.errors import MaiError, Reason
 from messages.system import Ping
 from tests.doubles.lmstudio import LmStudioDoubleProcess, lmstudio_double
 from tests.doubles.ollama import OllamaDouble, ollama_double
+from bootstrap.system import system_processes
 from tests.system.harness import RunningMai, running_mai, wait_for
 
 pytestmark = pytest.mark.slow
@@ -359,6 +360,39 @@ def test_a_subscription_follows_a_restarted_coordinator(world):
         thread.join(10)
         listener.close()
     _settled(w.client, "autopilot")
+
+
+def test_sigkill_of_the_supervisor_restarts_it_with_every_actor(world):
+    """Thespian supervises nobody above the supervisor: the process that started Mai revives it, and the new
+    actors reconcile from the world like any restarted actor (no reload, the mode kept, the history kept)."""
+    w = world
+    _to_mode(w, "recording")
+    _say(w, "hello before the supervisor dies")
+    before = _assert_reconciled(w, "recording")
+    old_pid = w.client.system_info().supervisor_pid
+    port = w.system.config.system.admin_port
+    processes = len(system_processes(port))
+    mark = _last_seq(w.ledger)
+    killed_at = time.monotonic()
+    os.kill(old_pid, signal.SIGKILL)
+
+    def revived() -> bool:
+        try:
+            info = w.client.system_info()
+        except MaiError:
+            return False
+        return info.supervisor_pid != old_pid and all(c.address is not None for c in info.children)
+
+    wait_for(revived, timeout_s=90, interval_s=0.2)
+    _report("SIGKILL supervisor: a new supervisor and all actors answering after", time.monotonic() - killed_at)
+    after = _assert_reconciled(w, "recording")
+    assert after.mode == before.mode
+    wait_for(lambda: len(system_processes(port)) == processes, timeout_s=30)  # the old actors died with it
+    loads, most = _vlm_allocations(_since(w.ledger, mark))
+    assert loads == 0 and most == 0, "nothing reloaded the VLM"
+    assert any(e.get("event") == "supervisor.revived" for e in w.log_events())
+    reply = _say(w, "still there after the supervisor died?")
+    assert "last_user=still there after the supervisor died?" in reply
 
 
 # --- SIGKILL of each actor in the middle of its operation -------------------------------------------------------
