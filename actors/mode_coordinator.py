@@ -7,7 +7,6 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 from thespian.actors import WakeupMessage
 
 from actors.base import MaiActor
+from bootstrap.paths import private_file
 from mai.core.coordinator import (
     Coordinator,
     CoordinatorSettings,
@@ -55,9 +55,8 @@ def _json_load(path: Path) -> Any:
 
 
 def _json_save(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(".tmp")
+    tmp = private_file(path.with_suffix(".tmp"))  # 0600 from the start, not after a moment with the umask's mode
     tmp.write_text(json.dumps(data))
-    os.chmod(tmp, 0o600)
     tmp.replace(path)  # atomic: a crash never leaves half a file
 
 
