@@ -3,10 +3,14 @@ asks for more.
 
 A chat model comes after Mai's own parts: what it may take is the free VRAM less the reserve, less what the mode's
 plan still has to allocate (the VLM in RECORDING not loaded yet, CLIP on its way to the GPU in AUTOPILOT), plus what
-the chat model holds itself (switching models gives those bytes back first). Bytes that finished freeing steps gave
-back count (the gate confirms them before it grants a load that relies on them); bytes that freeing steps still to
-run will give back do not. Pure: the coordinator passes the world it projects past the step in flight and the plan
-it runs.
+the chat model holds itself (switching models gives those bytes back first). While a chat model still fits beside
+the VLM and CLIP, it also leaves them their room when they are off the GPU (the agent comes back for them; a chat
+model in their place would have to yield, and be loaded again for the next turn). One exception, so that a user's
+turn does not fail while a VLM sits unused: when not even the smallest chat model fits beside an idle VLM (no lease
+held or asked for), the VLM's bytes count too, and the plan unloads it for the chat load. Bytes that finished
+freeing steps gave back count (the gate confirms them before it grants a load that relies on them); bytes that
+freeing steps still to run will give back do not. Pure: the coordinator passes the world it projects past the step
+in flight and the plan it runs.
 """
 
 from __future__ import annotations
@@ -34,21 +38,43 @@ def mode_claims_bytes(world: World, plan: Plan) -> int:
     return claims
 
 
+def kept_for_mai_bytes(world: World, plan: Plan) -> int:
+    """The footprints of the VLM and CLIP while they are off the GPU and the plan does not claim them now: the agent
+    uses them through its day, so a chat model leaves them their room — when a chat model still fits beside them."""
+    if not world.gpu or not world.chat_leaves_room:
+        return 0
+    kept = 0
+    if world.vlm_state not in ("loaded", "loading") and plan.vlm_goal.state != "loaded":
+        kept += world.vlm_footprint_bytes
+    if world.clip_placement != "gpu" and plan.clip_goal.state != "gpu":
+        kept += world.clip_footprint_bytes
+    return kept
+
+
 def grantable_bytes(world: World, plan: Plan) -> int | None:
     """What a chat model may take now, never negative. None: no GPU, so no VRAM limit (the model runs on the CPU).
-    Without a reading yet it is 0 (the coordinator waits for one before it answers)."""
+    Without a reading yet it is 0 (the coordinator waits for one before it answers). Two adjustments need the
+    smallest chat model's footprint (`world.chat_min_bytes`; none without it): while that model still fits beside the
+    VLM and CLIP, their room is kept for them (`kept_for_mai_bytes`); when it does not fit even beside an idle VLM,
+    the VLM's bytes count — it gives its place (`plan.vlm_yields_to_chat`) rather than the turn failing."""
     if world.gpu is False:
         return None
     if world.gpu is None or world.free_bytes is None:
         return 0
     room = (world.free_bytes + world.unconfirmed_bytes - world.reserve_bytes - mode_claims_bytes(world, plan)
             + world.chat_bytes)
+    kept = kept_for_mai_bytes(world, plan)
+    if world.chat_min_bytes and room - kept >= world.chat_min_bytes:
+        room -= kept
+    elif world.vlm_idle and world.vlm_state == "loaded" and room < world.chat_min_bytes:
+        room += world.vlm_footprint_bytes
     return max(0, room)
 
 
 def chat_refusal(model: str, needed_bytes: int, grantable: int, world: World, plan: Plan) -> InsufficientVram:
     """A chat load that would not fit (invariant 12): `free_bytes` is the grantable, so the agent can choose a
-    smaller model with it. Nothing Mai holds yields to a chat model, so nothing is evictable."""
+    smaller model with it. Beyond an idle VLM (already counted in the grantable when it would give its place),
+    nothing Mai holds yields to a chat model, so nothing is evictable."""
     claims = mode_claims_bytes(world, plan)
     message = (
         f"chat model {model} needs {gib(needed_bytes)}, the GPU gate can grant {gib(grantable)} "

@@ -119,6 +119,16 @@ class CoordinatorSettings:
     load_retry_backoff_s: float = 5.0  # after a failed step, don't re-plan it before this (unless new demand)
     step_timeout_s: float = 600.0  # a step whose result never comes (its actor died) is given up after this
     chat_yield_timeout_s: float = 30.0  # the chat agent may finish the reply in progress before it yields
+    # A vlm=unloaded mode with a grace: an on-demand VLM that sits beside CLIP on the GPU stays until the idle timeout
+    # (nothing is gained by unloading it: the next call would reload it); the grace applies when CLIP had to yield.
+    keep_coresident_vlm: bool = True
+    # A chat load that fits nowhere else takes the place of an idle VLM (no lease held or asked for), rather than the
+    # user's turn failing; `chat_min_bytes` (the smallest chat model's footprint) says when nothing else fits.
+    chat_takes_idle_vlm: bool = True
+    chat_min_bytes: int = 0
+    # While the smallest chat model still fits beside the VLM and CLIP, a chat model leaves them their room even when
+    # they are off the GPU, so it need not yield (and be loaded again) each time the agent comes back for them.
+    chat_leaves_room: bool = True
 
     def __post_init__(self) -> None:
         problems = []
@@ -126,7 +136,7 @@ class CoordinatorSettings:
             problems.append("modes: got none; accepted: at least one mode")
         if self.default_mode not in self.modes:
             problems.append(f"default_mode: got {self.default_mode!r}; accepted: one of {', '.join(self.modes)}")
-        for name in ("vlm_declared_bytes", "clip_declared_bytes", "reserve_bytes", "num_ctx"):
+        for name in ("vlm_declared_bytes", "clip_declared_bytes", "reserve_bytes", "num_ctx", "chat_min_bytes"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 problems.append(f"{name}: got {getattr(self, name)!r}; accepted: an integer >= 0")
         for name in ("idle_timeout_s", "default_lease_ttl_s", "recovery_timeout_s", "step_timeout_s",
@@ -155,6 +165,10 @@ class CoordinatorSettings:
         }
         clip_mb = getattr(cfg.clip, "footprint_mb", None)
         vlm_mb = getattr(ollama, "vlm_footprint_mb", None)
+        footprints_mb = {m.key: m.footprint_mb for m in getattr(cfg, "models", ())}
+        chat_role = getattr(getattr(cfg, "chat", None), "role", None)
+        chain = getattr(cfg, "roles", {}).get(chat_role, ()) if chat_role else ()
+        chat_min_mb = min((footprints_mb[k] for k in chain if k in footprints_mb), default=0)
         return cls(
             modes=modes,
             default_mode=modes_cfg.default,
@@ -164,6 +178,7 @@ class CoordinatorSettings:
             vlm_declared_bytes=int((vlm_mb if vlm_mb is not None else DEFAULT_VLM_MB) * MIB),
             clip_declared_bytes=int((clip_mb if clip_mb is not None else DEFAULT_CLIP_MB) * MIB),
             reserve_bytes=int(cfg.gpu.reserve_mb * MIB),
+            chat_min_bytes=int(chat_min_mb * MIB),
             idle_timeout_s=float(ollama.idle_timeout_s),
             default_lease_ttl_s=float(ollama.lease_ttl_s),
             recovery_timeout_s=float(getattr(ollama, "vram_recovery_timeout_s", 5.0)),
@@ -400,6 +415,7 @@ class Coordinator:
         previous_target = self._target
         if msg.mode != self._target:
             self._target, self._target_set_at, self._steps_done = msg.mode, now, []
+            self._last_demand_end_at = None  # demand that ended before, even at this instant, was the old mode's
         self._pin = None
         self._idle = None
         self._retry_after.clear()  # a new request is new demand: retry a failed step now
@@ -727,6 +743,8 @@ class Coordinator:
     def _world(self, now: float) -> World:
         """The world as it will be once the step in flight succeeds (the plan is for what comes after it)."""
         free = self._free_estimate()
+        if free is not None:
+            free -= self._unconfirmed_shown()
         unconfirmed = self._unconfirmed.expected_bytes if self._unconfirmed else 0
         unconfirmed_vlm = bool(self._unconfirmed and self._unconfirmed.includes_vlm)
         inflight = self._inflight
@@ -759,7 +777,29 @@ class Coordinator:
             retry_wait={k: why for k, (until, why) in self._retry_after.items() if now < until},
             chat_model=chat_model,
             chat_bytes=chat_bytes,
+            vlm_idle=self._vlm_idle(),
+            chat_min_bytes=self.settings.chat_min_bytes,
+            chat_leaves_room=self.settings.chat_leaves_room,
         )
+
+    def _unconfirmed_shown(self) -> int:
+        """Freed bytes waiting for confirmation that the last reading already shows as free (a ResourceChanged while
+        the confirmation runs): the world counts them once, as unconfirmed (so they are still confirmed first), not
+        a second time as free."""
+        u = self._unconfirmed
+        if u is None or self._snapshot is None:
+            return 0
+        return min(u.expected_bytes, max(0, self._snapshot.free_bytes - u.baseline_free_bytes))
+
+    def _vlm_idle(self) -> bool:
+        """Loaded, usable, with no lease held or asked for and no VLM step in flight: it may give chat its place."""
+        if not self.settings.chat_takes_idle_vlm or self._vlm_state != "loaded" or self._leases:
+            return False
+        if "vlm" in self._health:
+            return False
+        if self._inflight is not None and self._inflight.step.kind in (LOAD_VLM, UNLOAD_VLM):
+            return False
+        return not any(w.kind == "lease" or (w.kind == "ensure" and w.request.loaded) for w in self._waiters)
 
     def _demand(self, now: float) -> Demand:
         waiting = [w for w in self._waiters if w.kind == "lease" or (w.kind == "ensure" and w.request.loaded)]
@@ -773,6 +813,8 @@ class Coordinator:
             grace=self._grace_until(now) is not None,
             clip_pin=self._pin,
             chat_load_waiting=any(w.kind == "chat" and not w.request.unload for w in self._waiters),
+            chat_load_bytes=max((w.request.needed_bytes for w in self._waiters if w.kind == "chat"
+                                 and not w.request.unload), default=0) if self.settings.chat_takes_idle_vlm else 0,
         )
 
     def _send(self, step: PlannedStep, now: float, fx: list[Effect]) -> None:
@@ -973,7 +1015,10 @@ class Coordinator:
         end = self._last_demand_end_at
         if policy.vlm != "unloaded" or policy.vlm_grace_s is None or end is None or end < self._target_set_at:
             return None
-        until = end + policy.vlm_grace_s
+        grace = policy.vlm_grace_s
+        if self.settings.keep_coresident_vlm and self._vlm_state == "loaded" and self._clip_placement == "gpu":
+            grace = max(grace, self.settings.idle_timeout_s)  # both fit: co-resident until the idle timeout
+        until = end + grace
         return until if now < until else None
 
     def _answer_satisfied(self, now: float, fx: list[Effect]) -> None:

@@ -6,9 +6,10 @@ is what `mai status` shows as "plan in progress".
 
 The rules, in the order they are applied:
 1. Goals. The VLM is wanted on demand (a lease held since the target was set, a lease queued, an EnsureVlm(loaded)
-   waiting) before anything else (invariant 9); then an EnsureVlm(unloaded); then the idle timer; then the
-   autopilot grace; then the mode's policy. CLIP follows a manual pin, else the policy; without a GPU it stays on
-   the CPU.
+   waiting) before anything else (invariant 9); then an EnsureVlm(unloaded); then the idle timer; then a chat load
+   that fits nowhere else (an idle VLM — no lease held or asked for — gives it its place, rather than a user's turn
+   failing); then the autopilot grace; then the mode's policy. CLIP follows a manual pin, else the policy; without a
+   GPU it stays on the CPU.
 2. Yield. If the VLM is wanted and the VLM and CLIP do not both fit, CLIP yields to the CPU (unless pinned) — but
    only when that makes the VLM fit (counting what the chat model would give back); otherwise CLIP keeps its place
    and the VLM load is refused. The chat model yields before CLIP does: Mai's own parts win over chat.
@@ -98,6 +99,9 @@ class World:
     retry_wait: Mapping[str, str] = field(default_factory=dict)  # step kind -> why it waits before a retry
     chat_model: str | None = None  # the conversation agent's model, if it holds one
     chat_bytes: int = 0  # VRAM that chat model holds: what a chat yield gives back (0: unknown or none)
+    vlm_idle: bool = False  # the VLM is loaded with no lease held or asked for: it may give its place to chat
+    chat_min_bytes: int = 0  # the smallest chat model's footprint: below this, chat counts an idle VLM's bytes
+    chat_leaves_room: bool = False  # a chat model leaves the VLM and CLIP their room while one still fits beside
 
 
 @dataclass(frozen=True)
@@ -113,6 +117,7 @@ class Demand:
     clip_pin: str | None = None  # manual PlaceClip placement, until the next SetMode
     chat_load_waiting: bool = False  # a chat model load waits for the gate: freed bytes are confirmed first
     chat_needs_reading: bool = False  # the chat agent waits on a figure a stale estimate cannot give: read again
+    chat_load_bytes: int = 0  # the largest chat load waiting (0: none, or chat may not take an idle VLM's place)
 
 
 @dataclass(frozen=True)
@@ -207,10 +212,29 @@ def resolve_clip(policy: ModePolicy, demand: Demand, world: World) -> Goal:
     return Goal(policy.clip, "mode")
 
 
+def vlm_yields_to_chat(world: World, clip_goal: Goal, demand: Demand) -> bool:
+    """A chat load waits that would fit in the VLM's place, not even the smallest chat model fits beside it, and
+    nobody uses the VLM: it goes (and stays off while that load waits). The room counts what CLIP still has to claim
+    (the mode's part wins)."""
+    if not demand.chat_load_bytes or demand.on_demand or demand.leases_held or not world.gpu \
+            or world.free_bytes is None:
+        return False
+    vlm_on = world.vlm_state in ("loaded", "loading")
+    if vlm_on and not world.vlm_idle:
+        return False
+    clip_claim = world.clip_footprint_bytes if clip_goal.state == "gpu" and world.clip_placement != "gpu" else 0
+    room = world.free_bytes + world.unconfirmed_bytes - world.reserve_bytes + world.chat_bytes - clip_claim
+    beside_vlm = room - (0 if vlm_on else world.vlm_footprint_bytes)
+    return beside_vlm < min(demand.chat_load_bytes, world.chat_min_bytes) \
+        and demand.chat_load_bytes <= beside_vlm + world.vlm_footprint_bytes
+
+
 def plan_steps(world: World, policy: ModePolicy, demand: Demand) -> Plan:
     """The ordered steps from `world` to what `policy` and `demand` want (see the module docstring)."""
     vlm_goal = resolve_vlm(policy, demand)
     clip_goal = resolve_clip(policy, demand, world)
+    if vlm_goal.reason not in ("demand", "ensure", "idle") and vlm_yields_to_chat(world, clip_goal, demand):
+        vlm_goal = Goal("unloaded", "chat")
     notes: list[str] = []
     vlm_fp, clip_fp, reserve = world.vlm_footprint_bytes, world.clip_footprint_bytes, world.reserve_bytes
     vlm_on = world.vlm_state in ("loaded", "loading")

@@ -195,13 +195,42 @@ def test_after_the_last_lease_autopilot_unloads_and_clip_returns():
 
 
 def test_grace_keeps_an_on_demand_vlm_a_while_after_the_last_lease():
-    w = world(settings(grace=5.0), initial_mode="autopilot", clip_device="gpu")
+    w = world(settings(grace=5.0, keep_coresident_vlm=False), initial_mode="autopilot", clip_device="gpu")
     w.ask(AcquireLease("l1", "loop"), within_s=30)
     w.ask(ReleaseLease("rel", "lease-l1"))
     w.advance(4.9)
     assert w.vlm.state == "loaded"
     w.advance(1.0)
     assert w.vlm.state == "unloaded"
+
+
+def test_an_on_demand_vlm_that_fits_beside_clip_stays_until_the_idle_timeout():
+    w = world(settings(grace=5.0, idle=60.0), initial_mode="autopilot", clip_device="gpu")
+    w.ask(AcquireLease("l1", "loop"), within_s=30)
+    w.ask(ReleaseLease("rel", "lease-l1"))
+    w.advance(30)
+    assert w.vlm.state == "loaded" and w.clip.placement == "gpu"  # 6 + 0.6 GiB fit in 12: no reload next call
+    w.advance(31)
+    assert w.vlm.state == "unloaded" and w.events_of(IdleUnloaded)
+
+
+def test_the_grace_applies_when_clip_had_to_yield_to_the_vlm():
+    w = world(settings(grace=5.0, vlm_declared_bytes=5 * GIB), initial_mode="autopilot", clip_device="gpu",
+              gpu_total_bytes=6 * GIB)
+    w.ask(AcquireLease("l1", "loop"), within_s=30)
+    w.ask(ReleaseLease("rel", "lease-l1"))
+    assert w.clip.placement == "cpu"
+    w.advance(10)
+    assert w.vlm.state == "unloaded" and w.clip.placement == "gpu"  # CLIP has its place back after the grace
+
+
+def test_a_lease_released_as_autopilot_is_asked_was_the_old_modes_demand():
+    w = world(settings(grace=60.0), initial_mode="recording", vlm_loaded=True)
+    w.ask(AcquireLease("l1", "describer"), within_s=5)
+    w.send(ReleaseLease("rel", "lease-l1"))
+    w.send(SetMode("a1", "autopilot"))  # the same instant: no grace, the VLM goes (invariant 1)
+    w.advance(10)
+    assert w.vlm.state == "unloaded" and w.clip.placement == "gpu"
 
 
 def test_never_unload_while_a_lease_is_held_then_drain_is_bounded():
@@ -657,6 +686,37 @@ def test_a_late_chat_result_is_still_the_truth_about_what_the_agent_holds():
     assert core.status("s", 31.0).chat_model == "qwen3:4b"
     core.handle(ChatUnloaded("yield", "qwen3:4b"), "chat", 32.0)  # an unload outside a step is an observation
     assert core.status("s", 32.0).chat_model is None
+
+
+def test_a_chat_model_leaves_the_vlm_and_clip_their_room_while_one_still_fits_beside_them():
+    w = world(settings(chat_min_bytes=SMALL.footprint_bytes))
+    w.chat_turn(want=0)
+    w.advance(10)
+    assert w.chat.current == MEDIUM  # 12 - 0.5 reserved - 6 VLM - 0.6 CLIP: the 4b fits beside them, the 8b does not
+    w = world(settings(chat_min_bytes=SMALL.footprint_bytes, chat_leaves_room=False))
+    w.chat_turn(want=0)
+    w.advance(10)
+    assert w.chat.current == BIG
+
+
+def test_a_chat_turn_takes_an_idle_vlms_place_when_no_chat_model_fits_beside_it():
+    w = world(settings(chat_min_bytes=SMALL.footprint_bytes), initial_mode="recording", vlm_loaded=True,
+              gpu_total_bytes=8 * GIB, external_bytes=2 * GIB)
+    w.chat_turn(want=0, reply_s=5.0)
+    w.advance(10)
+    assert w.chat.outcomes == [(pytest.approx(w.now, abs=5), "turn-1", "replied")]
+    assert step_names(w)[:3] == ["UnloadVlm", "confirm", "ChatGrant"]
+    w.advance(30)  # after the reply, RECORDING takes its VLM back
+    assert step_names(w)[-3:] == ["ChatYield", "confirm", "LoadVlm"] and w.vlm.state == "loaded"
+
+
+def test_a_vlm_in_use_never_gives_its_place_to_chat():
+    w = world(settings(chat_min_bytes=SMALL.footprint_bytes), initial_mode="recording", vlm_loaded=True,
+              gpu_total_bytes=8 * GIB, external_bytes=2 * GIB)
+    w.ask(AcquireLease("l1", "describer"), within_s=5)
+    w.chat_turn(want=0)
+    w.advance(10)
+    assert w.chat.outcomes[-1][2] == "no model fits" and not w.sent(UnloadVlm) and w.vlm.state == "loaded"
 
 
 # --- status, observations, odds and ends -------------------------------------------------------------------------------
