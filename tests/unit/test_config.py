@@ -77,7 +77,7 @@ def test_defaults_load_with_the_documented_values() -> None:
     assert cfg.lmstudio.host == "127.0.0.1:1234" and cfg.lmstudio.api_token is None
     assert cfg.clip.precision == "fp32" and cfg.clip.footprint_mb is None
     assert cfg.modes.default == "idle"
-    assert cfg.modes["autopilot"] == ModeSpec(vlm="unloaded", clip="gpu", lease_drain_timeout_s=10, vlm_grace_s=5)
+    assert cfg.modes["autopilot"] == ModeSpec(vlm="unloaded", clip="gpu", lease_drain_timeout_s=10, vlm_grace_s=60)
     assert cfg.modes["recording"] == ModeSpec(vlm="loaded", clip="cpu", lease_drain_timeout_s=10, vlm_grace_s=None)
     assert cfg.modes["idle"] == ModeSpec(vlm="keep", clip="keep", lease_drain_timeout_s=10, vlm_grace_s=None)
     assert cfg.logging.file == cfg.system.state_dir / "mai.log"
@@ -132,7 +132,7 @@ def test_user_file_is_deep_merged_onto_defaults(tmp_path: Path) -> None:
     path = write(tmp_path, "gpu:\n  reserve_mb: 1024\nmodes:\n  autopilot:\n    clip: cpu\n")
     cfg = load(path=path)
     assert cfg.gpu.reserve_mb == 1024 and cfg.gpu.backend == "nvml"
-    assert cfg.modes["autopilot"] == ModeSpec(vlm="unloaded", clip="cpu", lease_drain_timeout_s=10, vlm_grace_s=5)
+    assert cfg.modes["autopilot"] == ModeSpec(vlm="unloaded", clip="cpu", lease_drain_timeout_s=10, vlm_grace_s=60)
     assert str(path) in cfg.sources
 
 
