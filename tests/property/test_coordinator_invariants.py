@@ -77,6 +77,7 @@ class WorldConfig:
     vlm_loaded: bool
     clip_device: str
     faults: bool  # whether the world misbehaves (loads fail, Ollama or NVML go away, other programs take VRAM)
+    chat_min_mib: int = 0  # the smallest chat model's footprint: 0 leaves the chat gate's two room rules off
 
     @property
     def gpu_total_bytes(self) -> int:
@@ -103,6 +104,7 @@ world_configs = st.builds(
     vlm_loaded=st.booleans(),
     clip_device=st.sampled_from(["cpu", "gpu"]),
     faults=st.booleans(),
+    chat_min_mib=st.sampled_from([0, 1280]),  # 1280: the smallest of the world's chat models (rules on)
 )
 
 
@@ -133,7 +135,7 @@ class GateMachine(RuleBasedStateMachine):
             modes=modes, default_mode="idle", vlm_model="qwen2.5vl:7b", vlm_host="http://127.0.0.1:11434",
             num_ctx=8192, vlm_declared_bytes=cfg.vlm_declared_mib * MIB, clip_declared_bytes=600 * MIB,
             reserve_bytes=cfg.reserve_mib * MIB, idle_timeout_s=cfg.idle_timeout_s, default_lease_ttl_s=60.0,
-            load_retry_backoff_s=5.0,
+            load_retry_backoff_s=5.0, chat_min_bytes=cfg.chat_min_mib * MIB,
         )
         self.requests: dict[str, Request] = {}
         self.held: dict[str, float] = {}  # lease id -> granted at
