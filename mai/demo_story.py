@@ -180,6 +180,8 @@ def narrate(records: list[dict[str, Any]]) -> list[str]:
 def _placement(r: dict[str, Any], records: list[dict[str, Any]], mode: str, transition: bool,
                timing: dict[str, Any]) -> str | None:
     """A VLM or CLIP move the mode change that caused it does not already tell."""
+    if r["component"] == "chat":
+        return None  # told by the log's chat.unloaded line, which names what the VRAM was given to
     what = "the VLM" if r["component"] == "vlm" else "CLIP"
     if r["reason"] == "idle" or (r["reason"] == "mode" and transition):
         return None  # told by IdleUnloaded, or by the ModeChanged that ends the transition

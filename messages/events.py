@@ -33,9 +33,10 @@ class IdleUnloaded:
 
 @dataclass(frozen=True)
 class PlacementChanged:
-    """The VLM or CLIP moved; `reason` says why (mode, lease, idle, manual, restart)."""
+    """The VLM or CLIP moved, or the chat model yielded its VRAM to them; `reason` says why (mode, demand, idle,
+    pin, yield, ...)."""
 
-    component: str  # "vlm" | "clip"
+    component: str  # "vlm" | "clip" | "chat"
     state: str  # "loaded" | "unloaded" | "cpu" | "gpu"
     reason: str
     at: float = field(default_factory=time.time)

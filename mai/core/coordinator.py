@@ -614,6 +614,8 @@ class Coordinator:
                 self._unconfirmed.completed_at = now
             if inflight.step.kind == YIELD_CHAT:
                 self._step_done(inflight, now, fx)
+                # Mai's decision, so subscribers (`mai events`) see it, not only the log.
+                fx.append(Publish(PlacementChanged("chat", "unloaded", inflight.step.cause, at=now)))
             reason = inflight.step.cause
         elif msg.model == self._chat_model:
             reason = "agent"  # outside a step: the freed bytes count once a reading shows them

@@ -566,6 +566,8 @@ def test_recording_asks_the_chat_model_to_yield_the_bytes_the_vlm_needs():
     assert yielded.reason == f"yield chat {BIG.key} for load {MODEL} (mode recording)"
     assert f"yield chat {BIG.key} for load {MODEL}" in reached.steps
     assert w.chat.current is None and w.core.status("s", w.now).chat_model is None and w.vlm.state == "loaded"
+    placements = [(e.component, e.state, e.reason) for e in w.events_of(PlacementChanged)]
+    assert ("chat", "unloaded", "mode") in placements  # subscribers (`mai events`) see the yield too
     # The next turn gets what the VLM left.
     w.chat_turn(want=0)
     w.advance(10)
