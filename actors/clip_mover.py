@@ -68,7 +68,7 @@ class ClipMover(MaiActor):
             self.log.error("clip.move_failed", device=msg.device, error=str(err))
             self.send(sender, StepFailed(msg.step_id, Failure.from_error(msg.step_id, err)))
             return
-        self.log.info("clip.moved", device=adapter.device, move_ms=round(move_s * 1000, 1), footprint=adapter.footprint_bytes)
+        self.log.debug("clip.move_done", device=adapter.device, move_ms=round(move_s * 1000, 1), footprint=adapter.footprint_bytes)
         self.send(sender, ClipMoved(msg.step_id, adapter.device, adapter.footprint_bytes, move_s))
 
     def receiveMsg_EmbedImages(self, msg: EmbedImages, sender: Any) -> None:

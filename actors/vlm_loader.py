@@ -116,7 +116,7 @@ class VlmLoader(MaiActor):
         load_s = time.monotonic() - began
         if state.partial_offload:
             self.log.warning("vlm.partial_offload", model=msg.model, size=state.size_bytes, size_vram=state.size_vram_bytes)
-        self.log.info("vlm.loaded", model=msg.model, load_s=round(load_s, 3), attempts=attempts, size_vram=state.size_vram_bytes)
+        self.log.debug("vlm.load_done", model=msg.model, load_s=round(load_s, 3), attempts=attempts, size_vram=state.size_vram_bytes)
         self.observed = VlmObserved(msg.model, True, state.size_bytes, state.size_vram_bytes)
         self.send(sender, VlmLoaded(msg.step_id, msg.model, state.size_bytes, state.size_vram_bytes, load_s, max(1, attempts)))
 
@@ -129,7 +129,7 @@ class VlmLoader(MaiActor):
             self._step_failed(msg.step_id, sender, err)
             return
         unload_s = time.monotonic() - began
-        self.log.info("vlm.unloaded", model=msg.model, unload_s=round(unload_s, 3), attempts=attempts)
+        self.log.debug("vlm.unload_done", model=msg.model, unload_s=round(unload_s, 3), attempts=attempts)
         self.observed = VlmObserved(msg.model, False)
         self.send(sender, VlmUnloaded(msg.step_id, msg.model, unload_s, attempts))
 
