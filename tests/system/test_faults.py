@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import psutil
 import pytest
 
 from mai.conversation import Mai
@@ -370,6 +371,8 @@ def test_sigkill_of_the_supervisor_restarts_it_with_every_actor(world):
     _say(w, "hello before the supervisor dies")
     before = _assert_reconciled(w, "recording")
     old_pid = w.client.system_info().supervisor_pid
+    old_actors = {role: pid for role, pid in _pids(w.client).items() if pid is not None}
+    assert len(old_actors) == len(ROLES)
     port = w.system.config.system.admin_port
     processes = len(system_processes(port))
     mark = _last_seq(w.ledger)
@@ -387,7 +390,9 @@ def test_sigkill_of_the_supervisor_restarts_it_with_every_actor(world):
     _report("SIGKILL supervisor: a new supervisor and all actors answering after", time.monotonic() - killed_at)
     after = _assert_reconciled(w, "recording")
     assert after.mode == before.mode
-    wait_for(lambda: len(system_processes(port)) == processes, timeout_s=30)  # the old actors died with it
+    # The old actors died with their supervisor: no orphan idles on with its model and sockets.
+    wait_for(lambda: not [pid for pid in old_actors.values() if psutil.pid_exists(pid)], timeout_s=10)
+    assert len(system_processes(port)) == processes
     loads, most = _vlm_allocations(_since(w.ledger, mark))
     assert loads == 0 and most == 0, "nothing reloaded the VLM"
     assert any(e.get("event") == "supervisor.revived" for e in w.log_events())
