@@ -17,6 +17,9 @@ from bootstrap import system as boot
 from bootstrap.paths import stopping_marker
 
 
+REVIVE_GRACE_S = 0.5
+
+
 def run_foreground(cfg: Any, *, console_logs: bool = True, out: Any = sys.stdout) -> int:
     try:
         info = boot.start(cfg, console_logs=console_logs)
@@ -37,14 +40,14 @@ def run_foreground(cfg: Any, *, console_logs: bool = True, out: Any = sys.stdout
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
-    supervisor_pid = info.supervisor_pid
+    supervisor_pid, admin_pid = info.supervisor_pid, _admin_pid(cfg)
     while not stopping["flag"]:
         time.sleep(0.2)
         _reap_children()
         if not boot._port_open(cfg.system.bind_address, cfg.system.admin_port):
             print("mai: the actor system has stopped", file=out, flush=True)
             return 0
-        if not _alive(supervisor_pid) and not stopping["flag"] and not stopping_marker(cfg).exists():
+        if not _alive(supervisor_pid) and _revivable(cfg, admin_pid, stopping):
             supervisor_pid = _revive(cfg, out) or supervisor_pid
     report = boot.stop(cfg)
     killed = f"; killed {len(report.killed)} leftover processes" if report.killed else ""
@@ -57,6 +60,21 @@ def _alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def _admin_pid(cfg: Any) -> int | None:
+    """The daemonised admin: the root of the system's process tree."""
+    procs = boot.system_processes(cfg.system.admin_port)
+    return procs[0].pid if procs else None
+
+
+def _revivable(cfg: Any, admin_pid: int | None, stopping: dict) -> bool:
+    """Only a lone supervisor's death is revived: never during `mai stop`, and never once the admin is gone too (a
+    whole-system kill): joining a dead admin's port would start a bare Thespian admin in its place. The grace lets
+    a kill of every process show before deciding."""
+    time.sleep(REVIVE_GRACE_S)
+    return (not stopping["flag"] and not stopping_marker(cfg).exists() and admin_pid is not None
+            and _alive(admin_pid) and boot._port_open(cfg.system.bind_address, cfg.system.admin_port))
 
 
 def _revive(cfg: Any, out: Any) -> int | None:
