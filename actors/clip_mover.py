@@ -52,6 +52,12 @@ class ClipMover(MaiActor):
     def receiveMsg_Reobserve(self, msg: Reobserve, sender: Any) -> None:
         self._observe()
 
+    def on_peers(self, restarted: frozenset[str]) -> None:
+        """A new coordinator: tell it where CLIP is, even if its Reobserve overtook this news and was answered to
+        its dead predecessor."""
+        if "coordinator" in restarted:
+            self._observe()
+
     def _ready(self) -> Any:
         if self.adapter is None:
             raise NotRunning(self.failure or "the CLIP model is still being created")

@@ -117,14 +117,20 @@ class ConversationAgent(MaiActor):
             self.log.info("chat.adopted", model=adopted.key)
 
     def receiveMsg_Reobserve(self, msg: Reobserve, sender: Any) -> None:
-        """A restarted coordinator asks what we hold: it counts the chat model's VRAM and may ask it to yield."""
+        """A restarted coordinator asks what we hold: it counts the chat model's VRAM and may ask it to yield.
+        Answered to the asker: the supervisor's Peers naming it may reach us after its question (seen in CI)."""
         if self.current is not None:
-            self._tell_coordinator(ModelSwitched(None, self.current.key, "reported to a restarted coordinator"))
+            self.send(sender, ModelSwitched(None, self.current.key, "reported to a restarted coordinator"))
 
     def on_peers(self, restarted: frozenset[str]) -> None:
-        """The coordinator was restarted: what it was deciding for the turn in progress died with it; ask again."""
+        """The coordinator was restarted: tell it which model we hold (its Reobserve may have overtaken this news),
+        and what it was deciding for the turn in progress died with it: ask again."""
+        if "coordinator" not in restarted:
+            return
+        if self.current is not None:
+            self._tell_coordinator(ModelSwitched(None, self.current.key, "reported to a restarted coordinator"))
         turn = self.turn
-        if "coordinator" not in restarted or turn is None:
+        if turn is None:
             return
         self.log.info("chat.asked_again", phase=turn.phase, request_id=turn.request.request_id)
         if turn.phase == "choose":

@@ -83,6 +83,15 @@ class VlmLoader(MaiActor):
         self.wakeupAfter(datetime.timedelta(seconds=max(0.1, self._next_probe_s())))
 
     def receiveMsg_Reobserve(self, msg: Reobserve, sender: Any) -> None:
+        self._reobserve()
+
+    def on_peers(self, restarted: frozenset[str]) -> None:
+        """A new coordinator: report to it, even if its Reobserve overtook this news and was answered to its dead
+        predecessor."""
+        if "coordinator" in restarted:
+            self._reobserve()
+
+    def _reobserve(self) -> None:
         self.observed = None
         self.healthy = None
         self.guarded("", None, self._probe)
