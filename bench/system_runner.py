@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,7 @@ from mai.client import MaiClient
 from mai.sim.ollama_process import OllamaDouble, ollama_double
 from messages.base import new_request_id
 from messages.system import Ping, Pong
+from mai.sim.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 VLM = "qwen2.5vl:7b"
@@ -99,12 +99,6 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 # --- a private Mai --------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAI_")}
     env.update({"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)})

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mai.sim.ports import free_port  # stdlib only: cheap on every CLI command
+
 MiB = 2**20
 VLM_MODEL = "qwen2.5vl:7b"
 VLM_FOOTPRINT_MB = 6144  # what the Ollama double's qwen2.5vl:7b takes
@@ -63,14 +65,6 @@ class DemoTiming:
 
 
 # --- the world -----------------------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _child_env(root: Path) -> dict[str, str]:
     """The user's environment without MAI_* (their overrides must not leak into the demo's Mai)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAI_")}
@@ -132,7 +126,7 @@ class DemoWorld:
             "--unload-delay-s", str(t.unload_s), "--token-delay-s", "0.02"])
         lms_port = self._start_double("lmstudio", "mai.sim.lmstudio_server", [
             "--ledger", str(self.ledger_path), "--vram-mb", str(self.gpu_mb), "--load-time-s", str(t.chat_load_s)])
-        config = demo_config(self.dir / "state", self.ledger_path, _free_port(), f"http://127.0.0.1:{ollama_port}",
+        config = demo_config(self.dir / "state", self.ledger_path, free_port(), f"http://127.0.0.1:{ollama_port}",
                              f"127.0.0.1:{lms_port}", self.gpu_mb, t)
         self.config_path.write_text(yaml.safe_dump(config))
         from config import load_config

@@ -4,7 +4,6 @@ double running in its own process. What the double received (its frame log) prov
 from __future__ import annotations
 
 import math
-import socket
 import threading
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from messages.errors import (
     PredictionFailed,
 )
 from tests.doubles.lmstudio import LmStudioDoubleProcess, lmstudio_double
+from mai.sim.ports import free_port
 
 QWEN7 = "qwen2.5-7b-instruct"
 QWEN3 = "qwen2.5-3b-instruct"
@@ -69,12 +69,6 @@ def adapter(double: LmStudioDoubleProcess):
 def loaded(adapter: LmStudioAdapter) -> str:
     adapter.load(QWEN3, "mai-chat", context_length=4096)
     return "mai-chat"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(probe, timeout_s: float = 2.0):
