@@ -21,6 +21,7 @@ from mai.core.coordinator import (
     Log,
     PersistFootprint,
     Publish,
+    ReadVram,
     Reply,
     SendStep,
     Tick,
@@ -29,7 +30,7 @@ from mai.core.coordinator import (
 from mai.core.subscriptions import Subscribers
 from messages.base import new_request_id
 from messages.requests import SetMode, Subscribe, Subscribed, Unsubscribe, Unsubscribed
-from messages.steps import Reobserve, WatchVram
+from messages.steps import GetVram, Reobserve, WatchVram
 from messages.system import Init
 
 # Messages the core decides on; each gets a one-line handler that hands it over.
@@ -42,6 +43,15 @@ CORE_MESSAGES = (
 # Field names a stdlib LogRecord owns: logging refuses them as fields ("Attempt to overwrite 'message'"), and the
 # exception would abort the handler between two effects (a reply or the next step lost). Logged with a "_" suffix.
 RESERVED_LOG_FIELDS = frozenset(vars(logging.LogRecord("x", 0, "x", 0, "x", None, None))) | {"message", "asctime"}
+
+
+def _urgency(effect: Any) -> int:
+    """Execution order of one message's effects: steps and replies, then events, then logs, timers and files."""
+    if isinstance(effect, (SendStep, ReadVram, Reply)):
+        return 0
+    return 1 if isinstance(effect, Publish) else 2
+
+
 # Who executes each step message (a step in flight is sent again to that actor's successor if it is restarted).
 STEP_EXECUTOR = {"LoadVlm": "vlm", "UnloadVlm": "vlm", "MoveClip": "clip", "WaitVramFree": "sampler",
                  "ChatYield": "chat", "ChatGrant": "chat"}
@@ -113,7 +123,10 @@ class ModeCoordinator(MaiActor):
             return  # not initialised yet: the supervisor's Init is always first in this mailbox
         request_id = getattr(msg, "request_id", "")
         effects = self.guarded(request_id, sender, self.core.handle, msg, sender, time.time())
-        for effect in effects or ():
+        # The next step and the replies first (each is on someone's critical path), then events, then the rest, each
+        # group in the core's order: an event or a log line is a message too (to a subscriber, to the logger
+        # process), and each one sent first would delay them.
+        for effect in sorted(effects or (), key=_urgency):
             self._execute(effect)
         modes = (self.core.mode, self.core.target_mode)
         if modes != self.saved_modes:  # what a restart (of this actor or of Mai) restores
@@ -133,6 +146,9 @@ class ModeCoordinator(MaiActor):
         elif isinstance(effect, Publish):
             for subscriber in self.subscribers.live(time.time()):
                 self.send(subscriber, effect.event)
+        elif isinstance(effect, ReadVram):
+            if self.peers.get("sampler") is not None:
+                self.send(self.peers["sampler"], GetVram(new_request_id()))
         elif isinstance(effect, WakeAt):
             self._wake_at(effect.at)
         elif isinstance(effect, Log):

@@ -48,11 +48,13 @@ class VramSampler(MaiActor):
     def _sample(self) -> Any:
         snapshot = self.probe.snapshot()
         event, answers = self.core.observe(snapshot, time.time())
+        # Answers first: a step waits on each one, while the same change's ResourceChanged is news that can come
+        # second (sent first, the coordinator would handle it before the answer the next step waits for).
+        for reply_to, answer in answers:
+            self.send(reply_to, answer)
         if event is not None:
             for watcher in self.watchers:
                 self.send(watcher, event)
-        for reply_to, answer in answers:
-            self.send(reply_to, answer)
         return snapshot
 
     def receiveMsg_WakeupMessage(self, msg: WakeupMessage, sender: Any) -> None:

@@ -229,11 +229,18 @@ class PersistFootprint:
 
 
 @dataclass(frozen=True)
+class ReadVram:
+    """Ask the sampler for a reading now (answered with a VramReading): sent when an allocation completes, so the
+    estimate stops counting it as uncertain within a round trip instead of at the next periodic sample, and the
+    next freeing step needs no "read VRAM again" of its own."""
+
+
+@dataclass(frozen=True)
 class Tick:
     """Time passed: check deadlines (the shell sends it at the times asked for with WakeAt)."""
 
 
-Effect = Union[SendStep, Reply, Publish, WakeAt, Log, PersistFootprint]
+Effect = Union[SendStep, Reply, Publish, WakeAt, Log, PersistFootprint, ReadVram]
 
 STEP_TARGETS = {LOAD_VLM: "vlm", UNLOAD_VLM: "vlm", MOVE_CLIP_CPU: "clip", MOVE_CLIP_GPU: "clip",
                 CONFIRM_FREE: "sampler", READ_VRAM: "sampler", YIELD_CHAT: "chat", CHAT_LOAD: "chat",
@@ -334,6 +341,7 @@ class Coordinator:
         self._refused: frozenset[tuple[str, int, int]] = frozenset()
         self._notes: frozenset[str] = frozenset()  # plan notes already logged (a decision is logged once)
         self._fresh_snapshot = False
+        self._read_wanted = False  # an allocation completed while handling this message: ask for a reading
         self._step_seq = 0
         self._epoch = format(int(now * 1000) % 0xFFFFFFFF, "x")
         self._handlers: dict[type, Callable[[Any, object, float, list[Effect]], Callable[[], None] | None]] = {
@@ -370,6 +378,9 @@ class Coordinator:
         effects: list[Effect] = list(self._pending_logs)
         self._pending_logs.clear()
         after = handler(message, sender, now, effects)
+        if self._read_wanted:
+            self._read_wanted = False
+            effects.append(ReadVram())
         self._settle(now, effects)
         if after is not None:
             after()
@@ -546,7 +557,7 @@ class Coordinator:
         self._vlm_state, self._vlm_size_bytes, self._vlm_size_vram_bytes = "loaded", msg.size_bytes, msg.size_vram_bytes
         self._last_used_at = now
         if self._gpu() and msg.size_vram_bytes > 0:
-            self._allocs.append((inflight.sent_at if inflight else now, now, msg.size_vram_bytes))
+            self._allocated(inflight.sent_at if inflight else now, now, msg.size_vram_bytes)
         if msg.partial_offload:
             # A squeezed load says how little fitted, not what the model needs: keep the footprint we had.
             fx.append(Log("vlm.partial_offload", {"size_bytes": msg.size_bytes, "size_vram_bytes": msg.size_vram_bytes}))
@@ -583,7 +594,7 @@ class Coordinator:
         if msg.footprint_bytes > 0:
             self._clip_fp = msg.footprint_bytes
         if self._clip_placement == "gpu" and self._gpu():
-            self._allocs.append((inflight.sent_at if inflight else now, now, self._clip_fp))
+            self._allocated(inflight.sent_at if inflight else now, now, self._clip_fp)
         elif self._unconfirmed is not None and self._unconfirmed.completed_at is None:
             self._unconfirmed.completed_at = now
         if inflight is None:
@@ -599,7 +610,7 @@ class Coordinator:
         inflight = self._take_inflight(msg.step_id, msg, fx)
         self._chat_model, self._chat_bytes = msg.model, msg.vram_bytes
         if self._gpu() and msg.vram_bytes > 0:
-            self._allocs.append((inflight.sent_at if inflight else now, now, msg.vram_bytes))
+            self._allocated(inflight.sent_at if inflight else now, now, msg.vram_bytes)
         fx.append(Log("chat.loaded", {"model": msg.model, "vram_bytes": msg.vram_bytes, "load_s": msg.load_s,
                                       "step_id": msg.step_id, "late": inflight is None}))
 
@@ -858,6 +869,12 @@ class Coordinator:
             self._set_vram_short(None, now, fx)
         fx.append(Log("step.sent", {"step": step.description, "step_id": step_id, "reason": step.cause}))
         fx.append(SendStep(STEP_TARGETS[step.kind], message))
+
+    def _allocated(self, sent_at: float, completed_at: float, nbytes: int) -> None:
+        """Mai claimed these bytes; readings taken before `completed_at` may not show them (uncertain until a
+        reading after it arrives, asked for at once)."""
+        self._allocs.append((sent_at, completed_at, nbytes))
+        self._read_wanted = True
 
     def _add_unconfirmed(self, nbytes: int, vlm: bool) -> None:
         """Kept even while NVML is failing: if the GPU comes back, those bytes are confirmed before being used."""

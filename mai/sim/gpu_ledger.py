@@ -12,7 +12,9 @@ object safe to share between threads and to inherit across `fork`.
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import threading
 import time
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
@@ -70,6 +72,7 @@ class GpuLedger:
     ) -> None:
         self.path = Path(path)
         self._busy_timeout_s = busy_timeout_s
+        self._readers: dict[tuple[int, int], sqlite3.Connection] = {}
         if total_bytes is not None and (not isinstance(total_bytes, int) or total_bytes <= 0):
             raise InvalidRequest(f"GpuLedger total_bytes must be a positive int, got {total_bytes!r}")
         private_file(self.path)  # 0600 before SQLite creates it (and its -wal/-shm) with the umask
@@ -163,11 +166,17 @@ class GpuLedger:
         return {owner: int(nbytes) for owner, nbytes in rows}
 
     def snapshot(self) -> VramSnapshot:
-        self._settle_if_due()
-        with closing(self._connect()) as conn:
-            now = time.time()
-            total, used = self._total(conn), _used(conn, now)
-            name = _meta(conn, "device_name") or "Simulated GPU"
+        # The sampler reads on every wait and every step, and NVML answers in microseconds: a reader connection
+        # kept per process and thread (a new one parses the schema again, most of a read's cost), settling only
+        # when a delayed free is due.
+        conn = self._reader()
+        now = time.time()
+        if conn.execute("SELECT 1 FROM holdings WHERE release_at <= ? LIMIT 1", (now,)).fetchone():
+            with _immediate(conn):
+                now = time.time()
+                _settle(conn, now)
+        total, used = self._total(conn), _used(conn, now)
+        name = _meta(conn, "device_name") or "Simulated GPU"
         return VramSnapshot(
             total_bytes=total,
             used_bytes=used,
@@ -188,6 +197,12 @@ class GpuLedger:
         return [LedgerEvent(*row) for row in rows]
 
     # -- internals ------------------------------------------------------------------------------------------
+
+    def _reader(self) -> sqlite3.Connection:
+        key = (os.getpid(), threading.get_ident())
+        if self._readers.get(key) is None:
+            self._readers[key] = self._connect()
+        return self._readers[key]
 
     def _connect(self) -> sqlite3.Connection:
         # isolation_level=None: we issue BEGIN IMMEDIATE ourselves so the write lock is taken up front.

@@ -42,6 +42,7 @@ from mai.core.coordinator import (
     Log,
     PersistFootprint,
     Publish,
+    ReadVram,
     Reply,
     SendStep,
     Tick,
@@ -175,6 +176,7 @@ class Timings:
     ack_s: float = 0.005  # an idempotent no-op step (already loaded, already there)
     fail_s: float = 0.05  # a step that fails at once (Ollama unreachable)
     sample_interval_s: float = 0.25  # sampler: reading after a change, and WaitVramFree polls
+    read_s: float | None = 0.0  # a reading the coordinator asks for (ReadVram) arrives this late; None: never
 
 
 @dataclass
@@ -652,6 +654,12 @@ class SimWorld:
             self.logs.append((self.now, effect.event, dict(effect.fields)))
         elif isinstance(effect, PersistFootprint):
             self.persisted[effect.model] = effect.nbytes
+        elif isinstance(effect, ReadVram) and self.timings.read_s is not None:
+            degraded = None if self.gpu_healthy else "NVML failed (simulated)"
+            self.at(self.now + self.timings.read_s,
+                    lambda: self.deliver(VramReading("read", self.ledger.snapshot(self.now), degraded), "sampler"))
+        elif isinstance(effect, ReadVram):
+            pass  # the reading is lost (a sampler that died with it)
         else:
             raise TypeError(f"unknown effect {effect!r}")
 

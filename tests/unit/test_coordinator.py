@@ -178,9 +178,10 @@ def test_a_lease_in_autopilot_loads_the_vlm_on_demand():
     assert w.events_of(PlacementChanged)[-1] == PlacementChanged("vlm", "loaded", "demand", at=w.now)
 
 
-def test_after_the_last_lease_autopilot_unloads_and_clip_returns():
+@pytest.mark.parametrize("read_s", [0.0, None], ids=["reading after the load", "that reading lost"])
+def test_after_the_last_lease_autopilot_unloads_and_clip_returns(read_s):
     w = world(settings(vlm_declared_bytes=5 * GIB), initial_mode="autopilot", clip_device="gpu",
-              gpu_total_bytes=6 * GIB)
+              gpu_total_bytes=6 * GIB, timings=Timings(read_s=read_s))
     w.ask(AcquireLease("l1", "loop"), within_s=30)
     # 5 + 0.6 GiB do not fit in 6 - 0.5: CLIP yields to the CPU, and stays there while the VLM is in use.
     assert step_names(w) == ["clip->cpu", "confirm", "LoadVlm"]
@@ -190,7 +191,12 @@ def test_after_the_last_lease_autopilot_unloads_and_clip_returns():
     released = w.ask(ReleaseLease("rel", "lease-l1"))
     assert isinstance(released, LeaseReleased) and released.held_s == pytest.approx(5.0)
     w.advance(10)
-    assert step_names(w)[3:] == ["read", "UnloadVlm", "confirm", "clip->gpu"]  # a real baseline first
+    if read_s is None:  # the unload's confirmation is measured against a real reading, taken first
+        assert step_names(w)[3:] == ["read", "UnloadVlm", "confirm", "clip->gpu"]
+    else:  # the reading the coordinator asked for when the load completed is that baseline
+        assert step_names(w)[3:] == ["UnloadVlm", "confirm", "clip->gpu"]
+    confirm = w.sent(WaitVramFree)[-1]
+    assert confirm.baseline_free_bytes == 1 * GIB  # 6 GiB less the loaded VLM, as read: never a guess
     assert w.clip.placement == "gpu"
 
 
@@ -559,8 +565,9 @@ def test_recording_asks_the_chat_model_to_yield_the_bytes_the_vlm_needs():
     assert w.chat.current == BIG
     reached = w.ask(SetMode("r1", "recording", wait=True), within_s=30)
     assert isinstance(reached, ModeReached)
-    # A fresh reading first (never evict on a guess), then the yield, its bytes confirmed, then the load.
-    assert step_names(w) == ["ChatGrant", "read", "ChatYield", "confirm", "LoadVlm"]
+    # Never evict on a guess: the reading asked for when the chat load completed shows its bytes, so the yield,
+    # its bytes confirmed, then the load.
+    assert step_names(w) == ["ChatGrant", "ChatYield", "confirm", "LoadVlm"]
     (yielded,) = w.sent(ChatYield)
     assert yielded.needed_bytes == 6 * GIB - (10 * GIB - BIG.true_bytes - 512 * MIB)  # what the VLM lacks
     assert yielded.reason == f"yield chat {BIG.key} for load {MODEL} (mode recording)"
