@@ -165,8 +165,9 @@ def render(result: dict[str, Any]) -> str:
         "",
         table(headers, body),
         "",
-        ("in coord: ModeReached.duration_s; vram wait: the sampler's waited_s; vram steps: the two VRAM-reading steps"
-         " from step.sent to vram.recovered in the coordinator's log (1 ms stamps), part of the overhead;"),
+        ("in coord: ModeReached.duration_s; vram wait: the sampler's waited_s; vram steps: the VRAM-reading steps"
+         " (read again, confirm) from step.sent to vram.recovered in the coordinator's log (1 ms stamps), part of"
+         " the overhead;"),
         "share: overhead / wall at p50; echo RTTs: overhead p50 / bare echo ask p50",
         "steps per switch:",
         steps,
