@@ -566,6 +566,7 @@ class ChatConfig:
     max_tokens: int = setting(Integer(1))
     temperature: float = setting(Number(0, 2))
     token_batch_ms: int = setting(Integer(1, 2000))
+    leave_room_for_agent: bool = setting(Flag())
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from mai.core.coordinator import ModePolicy
 from mai.sim.world import GIB
 
 MAI = "mai"
+MAI_CHAT_BEST = "mai, chat.leave_room_for_agent false"
 ALWAYS = AlwaysUnload.name
 STRICT = "strict modes"
 STRICT_300 = "strict modes (idle 300 s)"
@@ -82,6 +83,8 @@ def policies() -> list[tuple[str, Factory | BestOf]]:
     """Every row of the table, in order: Mai, its earlier behaviours, the baselines, the oracles."""
     return [
         (MAI, lambda p, t: MaiPolicy(p, t)),
+        # The configuration's other choice: chat takes the best model that fits now (better answers, more stall).
+        (MAI_CHAT_BEST, lambda p, t: MaiPolicy(p, t, name=MAI_CHAT_BEST, settings=mai_settings(p, chat_leaves_room=False))),
         *MAI_VARIANTS,
         (STRICT, lambda p, t: Strict(p, t, autopilot_idle_s=5.0, name=STRICT)),
         (STRICT_300, lambda p, t: Strict(p, t, name=STRICT_300)),

@@ -179,6 +179,7 @@ class CoordinatorSettings:
             clip_declared_bytes=int((clip_mb if clip_mb is not None else DEFAULT_CLIP_MB) * MIB),
             reserve_bytes=int(cfg.gpu.reserve_mb * MIB),
             chat_min_bytes=int(chat_min_mb * MIB),
+            chat_leaves_room=bool(getattr(getattr(cfg, "chat", None), "leave_room_for_agent", True)),
             idle_timeout_s=float(ollama.idle_timeout_s),
             default_lease_ttl_s=float(ollama.lease_ttl_s),
             recovery_timeout_s=float(getattr(ollama, "vram_recovery_timeout_s", 5.0)),

@@ -825,6 +825,15 @@ def test_settings_from_config():
     assert s.default_mode == "idle" and s.idle_timeout_s == 300.0
 
 
+@pytest.mark.parametrize("override, leaves_room", [(None, True), ("false", False)])
+def test_chat_leave_room_for_agent_comes_from_the_config(override, leaves_room):
+    from config.loader import load_config
+
+    env = {"MAI_CHAT__LEAVE_ROOM_FOR_AGENT": override} if override else {}
+    s = CoordinatorSettings.from_config(load_config(env=env))
+    assert s.chat_leaves_room is leaves_room  # the default keeps the agent's room; false gives chat the best fit
+
+
 def test_settings_reject_a_default_mode_that_is_not_in_the_table():
     with pytest.raises(Exception) as err:
         settings(default_mode="nope")
