@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import pickle
 import time
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,8 @@ from typing import Any
 from thespian.actors import WakeupMessage
 
 from actors.base import MaiActor
-from bootstrap.paths import private_file
+from bootstrap import safe_pickle
+from bootstrap.paths import private_file, subscribers_file
 from mai.core.coordinator import (
     Coordinator,
     CoordinatorSettings,
@@ -92,7 +94,9 @@ class ModeCoordinator(MaiActor):
         initial = saved_mode if saved_mode in settings.modes else None
         self.core = Coordinator(settings, time.time(), learned_footprints=footprints, initial_mode=initial)
         self.saved_modes = (self.core.mode, self.core.target_mode)
-        self.log.info("coordinator.ready", mode=self.core.mode, restored_mode=initial or "", learned=sorted(footprints))
+        restored = self._restore_subscribers()
+        self.log.info("coordinator.ready", mode=self.core.mode, restored_mode=initial or "", learned=sorted(footprints),
+                      subscribers=restored)
         self._wire(frozenset(("sampler", "vlm", "clip", "chat")))
         if initial is not None and saved_target in settings.modes and saved_target != initial:
             # A restart in the middle of a mode change goes on toward the mode last asked for, as if asked again.
@@ -175,10 +179,35 @@ class ModeCoordinator(MaiActor):
     def receiveMsg_Subscribe(self, msg: Subscribe, sender: Any) -> None:
         self.subscribers.add(sender, time.time(), msg.ttl_s)
         self.send(sender, Subscribed(msg.request_id, msg.ttl_s))
+        self._save_subscribers()
 
     def receiveMsg_Unsubscribe(self, msg: Unsubscribe, sender: Any) -> None:
         self.subscribers.remove(sender)
         self.send(sender, Unsubscribed(msg.request_id))
+        self._save_subscribers()
+
+    def _save_subscribers(self) -> None:
+        """On every subscribe, renewal and unsubscribe (a renewal comes every ttl/3 per subscriber): what a successor
+        needs to go on publishing at once after this actor dies."""
+        path = subscribers_file(self.config)
+        try:
+            tmp = private_file(path.with_suffix(".tmp"))
+            tmp.write_bytes(pickle.dumps(self.subscribers.entries()))
+            tmp.replace(path)
+        except (OSError, pickle.PicklingError) as err:
+            self.log.warning("subscribers.not_saved", error=str(err))
+
+    def _restore_subscribers(self) -> int:
+        """The predecessor's live subscriptions (read through the same restricted unpickler as the sockets: only
+        Thespian addresses and plain data)."""
+        try:
+            entries = safe_pickle.loads(subscribers_file(self.config).read_bytes(), peer="subscribers file")
+            return self.subscribers.restore([(token, float(at)) for token, at in entries], time.time())
+        except FileNotFoundError:
+            return 0
+        except Exception as err:  # noqa: BLE001 - a damaged file only costs the events until the next renewal
+            self.log.warning("subscribers.not_restored", error=str(err))
+            return 0
 
 
 for _name in CORE_MESSAGES:

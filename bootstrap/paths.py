@@ -35,6 +35,12 @@ def stopping_marker(cfg: Any) -> Path:
     return Path(cfg.system.state_dir) / "stopping"
 
 
+def subscribers_file(cfg: Any) -> Path:
+    """The coordinator's event subscribers (actor addresses), kept for its successor after a crash; a new system
+    starts without them (their addresses died with the old one)."""
+    return Path(cfg.system.state_dir) / "subscribers.pickle"
+
+
 def log_file(cfg: Any) -> Path | None:
     return None if cfg.logging.file is None else under_state_dir(cfg, cfg.logging.file)
 

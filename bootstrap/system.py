@@ -18,7 +18,7 @@ from typing import Any
 
 import bootstrap.loopback as loopback
 from bootstrap.logs import append_event, configure_structlog, get_logger, log_defs
-from bootstrap.paths import ledger_path, log_file, private_dir, private_file, stopping_marker
+from bootstrap.paths import ledger_path, log_file, private_dir, private_file, stopping_marker, subscribers_file
 from mai import __version__
 from messages.base import new_request_id
 from messages.errors import MaiError, NotRunning, OperationTimeout, Reason
@@ -185,6 +185,7 @@ def start(cfg: Any, *, console_logs: bool | None = None) -> SystemInfo:
     os.umask(0o077)
     prepare_state_dir(cfg)
     stopping_marker(cfg).unlink(missing_ok=True)
+    subscribers_file(cfg).unlink(missing_ok=True)
     exposure = cfg.system.exposure_warning()
     if exposure is not None:
         warn(cfg, "system.remote_access", exposure, bind_address=cfg.system.bind_address, port=cfg.system.admin_port)

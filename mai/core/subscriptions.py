@@ -2,7 +2,8 @@
 
 A subscription lapses on its own instead of needing an unsubscribe, because a client that crashed (or a `mai events`
 that was killed) never says goodbye; Thespian would otherwise keep sending to a dead address forever. Pure: the
-actor passes the time in."""
+actor passes the time in. The actor keeps a copy on disk, so a restarted coordinator goes on publishing to them at
+once instead of after each subscriber's next renewal (events in between would reach nobody)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,17 @@ class Subscribers:
     def next_expiry(self) -> float | None:
         """When the next subscription lapses (for a timer), or None with no subscribers."""
         return min((at for _, at in self._entries), default=None)
+
+    def entries(self) -> list[tuple[Any, float]]:
+        """(token, expires_at) in subscription order: what a restarted coordinator restores."""
+        return [(token, at) for token, at in self._entries]
+
+    def restore(self, entries: list[tuple[Any, float]], now: float) -> int:
+        """Take back the subscriptions a predecessor held (those still live); returns how many."""
+        for token, at in entries:
+            if at > now and self._find(token) is None:
+                self._entries.append([token, at])
+        return len(self._entries)
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -363,6 +363,39 @@ def test_a_subscription_follows_a_restarted_coordinator(world):
     _settled(w.client, "autopilot")
 
 
+def test_a_restarted_coordinator_publishes_to_its_predecessors_subscribers_at_once(world):
+    """Nothing between the restart and the next renewal is lost: the successor restores the subscriptions from the
+    state dir, so the first event after the restart reaches a subscriber that renews only every 20 s."""
+    w = world
+    _to_mode(w, "recording")
+    listener = w.system.client()
+    events: list[Any] = []
+    stop, ready = threading.Event(), threading.Event()
+
+    def listen() -> None:
+        for event in listener.subscribe(ttl_s=60.0, stop=stop, ready=ready):
+            events.append((time.monotonic(), event))
+
+    thread = threading.Thread(target=listen, daemon=True)
+    thread.start()
+    try:
+        assert ready.wait(30), "the subscription was never acknowledged"
+        victim = _actor(w.client, "coordinator")
+        _wait_restarted(w.client, victim, _kill(victim))
+        asked_at = time.monotonic()
+        w.client.set_mode("autopilot", wait=True, timeout_s=60)
+        got = wait_for(lambda: next((t for t, e in events if t >= asked_at and type(e).__name__ == "ModeChanged"
+                                     and e.mode == "autopilot"), None), timeout_s=10)
+        assert got - asked_at < 10  # the subscriber's next renewal is 20 s after it subscribed
+    finally:
+        stop.set()
+        thread.join(10)
+        listener.close()
+    ready_lines = [e for e in w.log_events() if e["event"] == "coordinator.ready"]
+    assert ready_lines[-1]["subscribers"] >= 1
+    _settled(w.client, "autopilot")
+
+
 def test_sigkill_of_the_supervisor_restarts_it_with_every_actor(world):
     """Thespian supervises nobody above the supervisor: the process that started Mai revives it, and the new
     actors reconcile from the world like any restarted actor (no reload, the mode kept, the history kept)."""

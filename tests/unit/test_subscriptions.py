@@ -27,3 +27,14 @@ def test_unsubscribe_says_whether_there_was_a_subscription():
     assert subs.remove("a") is True
     assert subs.remove("a") is False
     assert subs.live(0.0) == [] and subs.next_expiry() is None
+
+
+def test_a_successor_restores_the_live_subscriptions_in_order_without_duplicates():
+    old = Subscribers()
+    old.add("a", now=0.0, ttl_s=10.0)
+    old.add("b", now=0.0, ttl_s=100.0)
+    old.add("c", now=0.0, ttl_s=50.0)
+    new = Subscribers()
+    new.add("c", now=20.0, ttl_s=30.0)  # renewed at the successor before the file was read
+    assert new.restore(old.entries(), now=20.0) == 2  # "a" lapsed at 10
+    assert new.live(20.0) == ["c", "b"] and new.next_expiry() == 50.0
