@@ -126,8 +126,9 @@ def translate_error(exc: Exception, *, op: str, host: str, details: Mapping[str,
         silence = f" for {info['timeout_s']} s" if "timeout_s" in info else ""
         return OperationTimeout(f"LM Studio at {host} went silent{silence} during {what}", details=info)
     if isinstance(exc, lms.LMStudioWebsocketError):
-        if "not reachable" in text:
-            return BackendUnavailable(f"LM Studio is not reachable at {host}: {text}", details=info)
+        if "not reachable" in text:  # the SDK's own sentence names the URL and asks whether LM Studio runs
+            return BackendUnavailable(text if text.startswith("LM Studio") else f"LM Studio is not reachable at {host}: "
+                                      f"{text}", details=info)
         return ConnectionLost(f"lost the connection to LM Studio at {host} during {what}: {text}", details=info)
     if _channel_closed_early(exc):
         return _OP_FAILURE.get(op, BackendUnavailable)(

@@ -244,12 +244,21 @@ def cmd_events(args: argparse.Namespace) -> int:
     from mai.client import connect
 
     cfg = _load(args)
+    seen = 0
+    # What it listens for goes to stderr, so `--json` output stays one object per line; silence is then not
+    # mistaken for a hang, nor an empty result for a broken command.
+    span = "until Ctrl-C" if args.follow else f"for {args.duration:g} s (--follow: until Ctrl-C)"
+    print(f"listening to Mai on {cfg.system.bind_address}:{cfg.system.admin_port} {span}", file=sys.stderr, flush=True)
     with connect(config=cfg) as client:
         try:
             for event in client.subscribe(duration_s=None if args.follow else args.duration):
+                seen += 1
                 print(json.dumps(_event_dict(event), default=str) if args.json else _event_text(event), flush=True)
         except KeyboardInterrupt:
             pass
+    if not seen:
+        print("no events: nothing changed (a mode change, a VRAM change, a model loaded or unloaded would show)",
+              file=sys.stderr)
     return 0
 
 

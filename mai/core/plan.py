@@ -354,12 +354,12 @@ def _block(step: PlannedStep, world: World, demand: Demand) -> PlannedStep:
     """Mark why a step cannot be sent yet; the plan keeps it so status and ModeAccepted show what is pending."""
     reason = None
     part = "vlm" if step.kind in (LOAD_VLM, UNLOAD_VLM) else "clip" if step.kind in (MOVE_CLIP_CPU, MOVE_CLIP_GPU) else None
-    if part == "vlm" and world.vlm_state == "unknown":
+    if part is not None and part in world.down:  # the cause the user can act on (start Ollama) comes first
+        reason = f"{part} unavailable: {world.down[part]}"
+    elif part == "vlm" and world.vlm_state == "unknown":
         reason = "VLM state unknown: waiting for the loader's observation"
     elif part == "clip" and world.clip_placement == "unknown":
         reason = "CLIP placement unknown: waiting for the mover's observation"
-    elif part is not None and part in world.down:
-        reason = f"{part} unavailable: {world.down[part]}"
     elif step.kind in world.retry_wait:
         reason = world.retry_wait[step.kind]
     elif step.kind == UNLOAD_VLM and demand.leases_held:

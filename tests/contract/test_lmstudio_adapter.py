@@ -99,6 +99,7 @@ def test_probe_and_calls_raise_backend_unavailable_when_nothing_listens():
     with pytest.raises(BackendUnavailable, match=host) as caught:
         adapter.list_loaded()
     assert caught.value.details["host"] == host
+    assert str(caught.value).count("not reachable") == 1  # `mai status` says it once, with the URL tried
     adapter.close()
 
 

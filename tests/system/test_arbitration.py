@@ -224,6 +224,20 @@ def test_events_cli_prints_mode_changes_as_json_lines(world):
     assert all(c["duration_s"] >= 0 and isinstance(c["steps"], list) for c in changes)
 
 
+def test_mai_events_says_what_it_listens_to_and_when_nothing_happened(world):
+    import subprocess
+    import sys
+
+    from tests.system.harness import ROOT, test_env
+
+    system, client, ollama, ledger = world
+    client.set_mode("idle", wait=True, timeout_s=60)
+    result = subprocess.run([sys.executable, "-m", "mai", "--config", str(system.config_path), "events", "--json",
+                             "--duration", "1"], capture_output=True, text=True, env=test_env(), cwd=ROOT, timeout=60)
+    assert result.returncode == 0 and result.stdout == "", result
+    assert f":{system.config.system.admin_port} for 1 s" in result.stderr and "no events" in result.stderr
+
+
 def test_the_example_execution_loop_runs_against_mai(world):
     import subprocess
     import sys

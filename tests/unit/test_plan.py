@@ -282,6 +282,13 @@ def test_a_part_that_is_down_blocks_its_steps_with_the_reason():
     assert plan.steps[0].blocked == "vlm unavailable: Ollama unreachable"
 
 
+def test_a_part_down_since_the_start_says_why_rather_than_that_its_state_is_unknown():
+    # Ollama unreachable when Mai starts: the loader never observed the VLM; `mai mode` names the cause to fix.
+    plan = plan_steps(world(vlm_state="unknown", down={"vlm": "Ollama at http://127.0.0.1:11434 is unreachable"}),
+                      AUTOPILOT, Demand())
+    assert plan.steps[0].blocked == "vlm unavailable: Ollama at http://127.0.0.1:11434 is unreachable"
+
+
 def test_a_failed_step_waits_for_its_retry():
     plan = plan_steps(world(retry_wait={LOAD_VLM: "load_failed: boom; retry after 5 s"}), RECORDING, Demand())
     assert plan.next_step is None and "retry after" in plan.steps[0].blocked
