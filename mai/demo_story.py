@@ -190,7 +190,7 @@ def _placement(r: dict[str, Any], records: list[dict[str, Any]], mode: str, tran
                       and c["t"] <= r["t"] <= c["t_end"] + 0.05), None)
         waited = f" (the agent waited {lease['wait_s']:.1f} s)" if lease else ""
         return f"the agent asked for a VLM lease in {mode.upper()}: Mai loaded the VLM on demand{waited}"
-    if r["component"] == "vlm" and r["state"] == "unloaded" and r["reason"] == "mode":
+    if r["component"] == "vlm" and r["state"] == "unloaded" and r["reason"] == "grace_ended":
         grace = timing.get("grace_s")
         return (f"{what} unloaded: {mode.upper()} keeps an on-demand VLM only "
                 + (f"{grace:.1f} s " if grace is not None else "") + "after its last lease")

@@ -678,7 +678,7 @@ class Coordinator:
         cause = inflight.step.cause
         for w in list(self._waiters):
             depends = (
-                (w.kind == "mode" and cause == "mode")
+                (w.kind == "mode" and cause in ("mode", "grace_ended"))
                 or (kind == LOAD_VLM and (w.kind == "lease" or (w.kind == "ensure" and w.request.loaded)))
                 or (kind == UNLOAD_VLM and w.kind == "ensure" and not w.request.loaded)
                 or (kind == MOVE_CLIP_GPU and w.kind == "place" and w.request.device == "gpu")
@@ -825,6 +825,7 @@ class Coordinator:
             idle_due=self._idle == "due",
             policy_suspended=self._idle == "suspended",
             grace=self._grace_until(now) is not None,
+            grace_ended=self._grace_ended(now),
             clip_pin=self._pin,
             chat_load_waiting=any(w.kind == "chat" and not w.request.unload for w in self._waiters),
             chat_load_bytes=max((w.request.needed_bytes for w in self._waiters if w.kind == "chat"
@@ -1040,6 +1041,13 @@ class Coordinator:
             grace = max(grace, self.settings.idle_timeout_s)  # both fit: co-resident until the idle timeout
         until = end + grace
         return until if now < until else None
+
+    def _grace_ended(self, now: float) -> bool:
+        """An on-demand VLM's grace in this mode has run out: its unload is the grace's end, not the mode's entry."""
+        policy = self.settings.modes[self._target]
+        end = self._last_demand_end_at
+        return (policy.vlm == "unloaded" and policy.vlm_grace_s is not None and end is not None
+                and end >= self._target_set_at and self._grace_until(now) is None)
 
     def _answer_satisfied(self, now: float, fx: list[Effect]) -> None:
         vlm_busy = self._inflight is not None and self._inflight.step.kind in (LOAD_VLM, UNLOAD_VLM)

@@ -114,6 +114,7 @@ class Demand:
     idle_due: bool = False  # the idle timer ran out: unload
     policy_suspended: bool = False  # after an idle unload, a "loaded" policy waits for new demand or a new SetMode
     grace: bool = False  # an on-demand VLM is within its grace period after the last lease ended
+    grace_ended: bool = False  # ...and that grace has run out (the unload says so, rather than "mode")
     clip_pin: str | None = None  # manual PlaceClip placement, until the next SetMode
     chat_load_waiting: bool = False  # a chat model load waits for the gate: freed bytes are confirmed first
     chat_needs_reading: bool = False  # the chat agent waits on a figure a stale estimate cannot give: read again
@@ -123,7 +124,7 @@ class Demand:
 @dataclass(frozen=True)
 class Goal:
     state: str  # VLM: loaded/unloaded/keep; CLIP: gpu/cpu/keep
-    reason: str  # mode, demand, ensure, idle, grace, pin, yield, no_gpu
+    reason: str  # mode, demand, ensure, idle, grace, grace_ended, pin, yield, no_gpu, chat
 
 
 @dataclass(frozen=True)
@@ -198,6 +199,8 @@ def resolve_vlm(policy: ModePolicy, demand: Demand) -> Goal:
         return Goal("unloaded", "idle")
     if demand.grace:
         return Goal("keep", "grace")
+    if demand.grace_ended and policy.vlm == "unloaded":
+        return Goal("unloaded", "grace_ended")
     if policy.vlm == "loaded" and demand.policy_suspended:
         return Goal("keep", "idle")
     return Goal(policy.vlm, "mode")

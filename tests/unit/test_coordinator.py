@@ -208,6 +208,10 @@ def test_grace_keeps_an_on_demand_vlm_a_while_after_the_last_lease():
     assert w.vlm.state == "loaded"
     w.advance(1.0)
     assert w.vlm.state == "unloaded"
+    # `mai events` and the log say why: the grace ran out (not "mode": AUTOPILOT was entered long before).
+    last = w.events_of(PlacementChanged)[-1]
+    assert (last.component, last.state, last.reason) == ("vlm", "unloaded", "grace_ended")
+    assert w.logs_of("vlm.unloaded")[-1]["reason"] == "grace_ended"
 
 
 def test_an_on_demand_vlm_that_fits_beside_clip_stays_until_the_idle_timeout():

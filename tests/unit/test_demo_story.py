@@ -47,7 +47,7 @@ RUN = [
     rec("mai", "PlacementChanged", 7.45, component="vlm", state="loaded", reason="demand"),
     gpu("free", 12.0, "ollama:qwen2.5vl:7b", "scheduled", 6 * GiB, 6 * GiB + GiB // 2, 7),
     gpu("free", 12.5, "ollama:qwen2.5vl:7b", "released", 6 * GiB, GiB // 2, 8),
-    rec("mai", "PlacementChanged", 12.5, component="vlm", state="unloaded", reason="mode"),
+    rec("mai", "PlacementChanged", 12.5, component="vlm", state="unloaded", reason="grace_ended"),
     rec("agent", "Call", 14.0, what="embed", t_end=T0 + 15.0, wait_s=None, ok=True),
     rec("agent", "Call", 16.0, what="set_mode idle", t_end=T0 + 16.1, wait_s=0.1, ok=True),
     rec("log", "chat.grantable", 18.0, grantable_bytes=7 * GiB),
