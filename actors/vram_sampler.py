@@ -27,6 +27,7 @@ class VramSampler(MaiActor):
         self.core = SamplerCore(threshold_bytes=100 * 2**20)
         self.watchers: list[Any] = []
         self.ticking = False
+        self.poll_at: float | None = None  # the pending poll wakeup for waits (Thespian cannot cancel one)
 
     def on_init(self, init: Init) -> None:
         from backends.vram import open_vram_probe
@@ -34,7 +35,8 @@ class VramSampler(MaiActor):
         cfg = init.config
         if self.probe is not None:
             self.probe.close()
-        self.core = SamplerCore(threshold_bytes=cfg.gpu.change_threshold_mb * 2**20)
+        self.core = SamplerCore(threshold_bytes=cfg.gpu.change_threshold_mb * 2**20,
+                                max_poll_s=cfg.ollama.vram_recovery_poll_s)
         self.probe, self.degraded_reason = open_vram_probe(cfg.gpu.backend, cfg.gpu.device_index, ledger_path(cfg))
         self.log.info("sampler.probe", source=self.probe.source, degraded=self.degraded_reason or "")
         self._sample()
@@ -58,11 +60,21 @@ class VramSampler(MaiActor):
         return snapshot
 
     def receiveMsg_WakeupMessage(self, msg: WakeupMessage, sender: Any) -> None:
-        self.guarded("", None, self._sample)
-        interval = self.config.gpu.sample_interval_s
-        if self.core.waits:  # answer waits at Ollama's own 250 ms poll or faster
-            interval = min(interval, self.config.ollama.vram_recovery_poll_s)
-        self.wakeupAfter(datetime.timedelta(seconds=interval))
+        if msg.payload == "poll":
+            self.poll_at = None
+            self.guarded("", None, self._sample)
+        else:  # the periodic sample
+            self.guarded("", None, self._sample)
+            self.wakeupAfter(datetime.timedelta(seconds=self.config.gpu.sample_interval_s))
+        self._schedule_poll()
+
+    def _schedule_poll(self) -> None:
+        """One poll wakeup at a time, at the earliest reading a pending wait wants."""
+        due = self.core.next_poll()
+        if due is None or (self.poll_at is not None and self.poll_at <= due):
+            return
+        self.poll_at = due
+        self.wakeupAfter(datetime.timedelta(seconds=max(0.0, due - time.time())), payload="poll")
 
     def receiveMsg_WatchVram(self, msg: WatchVram, sender: Any) -> None:
         if sender not in self.watchers:
@@ -83,3 +95,4 @@ class VramSampler(MaiActor):
         if self.guarded("", None, self._sample) is None:
             self.core.waits = [w for w in self.core.waits if w.request is not msg]
             self.send(sender, StepFailed(msg.step_id, Failure(msg.step_id, "internal", "VRAM could not be read")))
+        self._schedule_poll()

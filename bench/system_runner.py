@@ -201,7 +201,8 @@ def wait_for(predicate: Any, timeout_s: float, what: str, interval_s: float = 0.
 
 
 @contextmanager
-def bench_system(*, load_time_s: float = 0.0, unload_delay_s: float = 0.0) -> Iterator[BenchSystem]:
+def bench_system(*, load_time_s: float = 0.0, unload_delay_s: float = 0.0,
+                 vram_release_lag_s: float = 0.0) -> Iterator[BenchSystem]:
     """A private Mai, ready (VLM state known, CLIP created), for the duration of the block."""
     from config import load_config
 
@@ -209,7 +210,8 @@ def bench_system(*, load_time_s: float = 0.0, unload_delay_s: float = 0.0) -> It
     ledger = workdir / "gpu.sqlite"
     try:
         with ollama_double(workdir / "ollama", ledger=ledger, vram_bytes=12 * GiB, load_time_s=load_time_s,
-                           unload_delay_s=unload_delay_s) as ollama:
+                           unload_delay_s=unload_delay_s,
+                           extra_args=("--vram-release-lag-s", str(vram_release_lag_s))) as ollama:
             path = workdir / "mai.yaml"
             path.write_text(yaml.safe_dump(_config(workdir, ledger, ollama.host)))
             system = BenchSystem(workdir, path, load_config(path, env={}), ollama)

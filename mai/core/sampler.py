@@ -2,7 +2,10 @@
 
 Publishing every 250 ms sample would flood subscribers; a change of at least `threshold_bytes` since the last
 publication is news. Waits follow Ollama's own recovery rule: done when free memory rose by `fraction` of the
-expected bytes over the baseline, or at the deadline (answered incomplete, never left hanging)."""
+expected bytes over the baseline, or at the deadline (answered incomplete, never left hanging). While one is
+pending the VRAM is read FIRST_POLL_S after the last reading, then twice as long each time up to the poll
+interval: VRAM usually comes back within a few hundred milliseconds of an unload, and a fixed 250 ms poll added
+half of that on average to every mode switch (a reading costs microseconds with NVML)."""
 
 from __future__ import annotations
 
@@ -14,17 +17,23 @@ from messages.resources import VramSnapshot
 from messages.steps import VramRecovered, WaitVramFree
 
 
+FIRST_POLL_S = 0.01
+
+
 @dataclass
 class _Wait:
     request: WaitVramFree
     reply_to: Any
     started: float
     deadline: float
+    poll_s: float = FIRST_POLL_S  # the gap to the next reading, doubling
+    next_poll: float = 0.0
 
 
 @dataclass
 class SamplerCore:
     threshold_bytes: int
+    max_poll_s: float = 0.25  # Ollama's own recovery poll: waits are read at least this often
     last: VramSnapshot | None = None
     last_published_used: int | None = None
     waits: list[_Wait] = field(default_factory=list)
@@ -41,7 +50,7 @@ class SamplerCore:
         return event, self._answer(snapshot, now)
 
     def wait(self, request: WaitVramFree, reply_to: Any, now: float) -> None:
-        self.waits.append(_Wait(request, reply_to, now, now + request.timeout_s))
+        self.waits.append(_Wait(request, reply_to, now, now + request.timeout_s, next_poll=now))
 
     def _answer(self, snapshot: VramSnapshot, now: float) -> list[tuple[Any, VramRecovered]]:
         answered, pending = [], []
@@ -51,9 +60,16 @@ class SamplerCore:
             if complete or now >= w.deadline:
                 answered.append((w.reply_to, VramRecovered(w.request.step_id, snapshot, recovered, now - w.started, complete)))
             else:
+                if now >= w.next_poll:
+                    w.next_poll = now + w.poll_s
+                    w.poll_s = min(w.poll_s * 2, self.max_poll_s)
                 pending.append(w)
         self.waits = pending
         return answered
 
     def next_deadline(self) -> float | None:
         return min((w.deadline for w in self.waits), default=None)
+
+    def next_poll(self) -> float | None:
+        """When the pending waits want the next reading (None: no wait pending)."""
+        return min((min(w.next_poll, w.deadline) for w in self.waits), default=None)

@@ -16,7 +16,8 @@ everything else, the way the actors and the outside world would, but in virtual 
   ChatLoaded; a refusal makes it choose a smaller model with the bytes the refusal names. A ChatYield unloads its
   model (after the reply in progress, if one is streaming) and answers ChatUnloaded("yield", model).
 - The sampler is the VramSampler actor's own pure core (`mai.core.sampler.SamplerCore`) reading the ledger: it
-  samples `sample_interval_s` after every change (and while a WaitVramFree is pending), delivers `ResourceChanged`
+  samples `sample_interval_s` after every change (and, while a WaitVramFree is pending, when the core's poll
+  schedule asks: 10 ms, then doubling up to 250 ms), delivers `ResourceChanged`
   when use moved by at least `change_threshold_bytes`, and answers waits by Ollama's recovery rule.
 - `SimWorld` keeps one event queue ordered by (time, arrival), delivers messages to the core, executes its
   effects (SendStep → an executor, Reply/Publish/Log/PersistFootprint → records, WakeAt → a Tick later), and
@@ -347,6 +348,7 @@ class SimWorld:
         self.sampler = SamplerCore(threshold_bytes=change_threshold_bytes)
         self.sampler.observe(self.ledger.snapshot(self.now), self.now)  # the baseline for "changed by"
         self._sample_pending = False
+        self._poll_at: float | None = None  # the next reading pending waits asked for
         if observe_at_start:
             self.deliver(VramReading("watch", self.ledger.snapshot(self.now), None), "sampler")
             self.deliver(self._vlm_observation(), "vlm")
@@ -791,16 +793,22 @@ class SimWorld:
             self._sample_pending = True
             self.at(self.now + self.timings.sample_interval_s, lambda: self._sample())
 
-    def _sample(self) -> None:
-        """One reading: maybe a ResourceChanged, maybe answers to waits; poll again while waits are pending."""
-        self._sample_pending = False
+    def _sample(self, poll: bool = False) -> None:
+        """One reading: maybe a ResourceChanged, maybe answers to waits; poll again while waits are pending, when
+        the sampler's core asks (as the VramSampler actor does)."""
+        if not poll:
+            self._sample_pending = False
         event, answers = self.sampler.observe(self.ledger.snapshot(self.now), self.now)
         if event is not None:
             event = ResourceChanged(event.snapshot, event.delta_used_bytes, at=self.now)  # virtual time, not wall
             self.at(self.now, lambda: self.deliver(event, "sampler"))
         for record, answer in answers:
             self.at(self.now, lambda record=record, answer=answer: self._finish(record, answer))
-        deadline = self.sampler.next_deadline()
-        if deadline is not None and not self._sample_pending:
-            self._sample_pending = True
-            self.at(min(self.now + self.timings.sample_interval_s, deadline), self._sample)
+        due = self.sampler.next_poll()
+        if due is not None and (self._poll_at is None or due < self._poll_at):
+            self._poll_at = due
+            self.at(max(due, self.now), self._poll)
+
+    def _poll(self) -> None:
+        self._poll_at = None
+        self._sample(poll=True)

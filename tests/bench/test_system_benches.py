@@ -60,7 +60,8 @@ def test_control_plane_reports_every_operation_next_to_the_echo():
 
 
 def test_mode_switch_separates_backend_time_from_overhead_in_both_directions():
-    data = _bench("mode_switch", "--n", "2")
+    data = _bench("mode_switch", "--n", "2", "--release-lag-s", "0.1")
+    assert data["release_lag_s"] == 0.1
     rows = {r["switch"]: r for r in data["rows"]}
     assert set(rows) == {"AUTOPILOT -> RECORDING", "RECORDING -> AUTOPILOT", "both"}
     assert rows["both"]["n"] == 4 and rows["AUTOPILOT -> RECORDING"]["n"] == 2

@@ -51,6 +51,23 @@ def test_wait_until_free_answers_at_75_percent_or_at_the_deadline():
     assert core.next_deadline() is None
 
 
+def test_a_pending_wait_reads_again_after_10_ms_then_twice_as_long_up_to_the_poll_interval():
+    core = SamplerCore(threshold_bytes=100 * MiB, max_poll_s=0.25)
+    core.observe(snap(7000), 0.0)
+    core.wait(WaitVramFree("s1", baseline_free_bytes=1192 * MiB, expected_bytes=6000 * MiB, timeout_s=1.0), "c", 0.0)
+    polls, now = [], 0.0
+    while core.next_poll() is not None and now < 0.8:
+        core.observe(snap(7000), now)  # the bytes are not back yet
+        now = core.next_poll()
+        polls.append(round(now, 3))
+    # Readings at once, then 10, 30, 70, 150, 310 ms...: an unload's VRAM, back ~300 ms later, is seen within 10 ms
+    # of it rather than up to 250 ms late; never more than 250 ms apart, and the deadline is a reading too.
+    assert polls[:6] == [0.01, 0.03, 0.07, 0.15, 0.31, 0.56]
+    assert max(b - a for a, b in zip(polls, polls[1:])) <= 0.25 + 1e-9
+    (_, answer), = core.observe(snap(7000), 1.0)[1]
+    assert not answer.complete and core.next_poll() is None
+
+
 def test_retry_only_transient_failures_with_growing_delays():
     assert is_retryable(BackendUnavailable("down")) and is_retryable(OperationTimeout("slow"))
     assert not is_retryable(ModelNotFound("no such model")) and not is_retryable(OutOfMemory("full"))
