@@ -354,6 +354,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `mai status --json | head`: the reader left; say nothing, as `git log | head` does
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader left
     except OSError as err:  # a file or socket the configuration names, refused by the system: no traceback
         print(f"mai: {err}", file=sys.stderr)
         return 1

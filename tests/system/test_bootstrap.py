@@ -96,6 +96,24 @@ def test_status_and_stop_when_not_running(tmp_path):
     assert stop.returncode == 0 and "not running" in stop.stdout
 
 
+def test_a_reader_that_leaves_early_gets_no_error_message(tmp_path):
+    """`mai status --json | head -c 100`: the pipe closes under mai; a shell tool stays quiet about that."""
+    import subprocess
+    import sys
+
+    from tests.system.harness import ROOT, test_env
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before mai writes a byte
+    try:
+        result = subprocess.run([sys.executable, "-m", "mai", "--config", str(write_config(tmp_path)), "status",
+                                 "--json"], stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=90,
+                                env=test_env(), cwd=ROOT)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 141 and result.stderr == ""
+
+
 def test_stop_leaves_no_process_and_frees_the_port(tmp_path):
     with running_mai(tmp_path) as system:
         port = system.config.system.admin_port
