@@ -278,7 +278,13 @@ def plan_steps(world: World, policy: ModePolicy, demand: Demand) -> Plan:
         nbytes = clip_fp if (world.gpu and clip_on_gpu) else 0
         freeing.append(PlannedStep(MOVE_CLIP_CPU, "move CLIP to cpu", nbytes, clip_goal.reason))
         planned_freed += nbytes
-    if vlm_goal.state == "unloaded" and not vlm_off:
+    # Ollama down since before anything was seen: nothing is known to unload, and nothing could be; the mode goes on
+    # without it (CLIP is fitted against real readings, which show whatever Ollama may still hold). A VLM known to
+    # be loaded stays a blocked unload: its bytes are Mai's to give back once Ollama answers.
+    vlm_unreachable_unknown = world.vlm_state == "unknown" and "vlm" in world.down
+    if vlm_goal.state == "unloaded" and vlm_unreachable_unknown:
+        notes.append(f"no VLM unload: {world.vlm_model} was never seen and the VLM is down ({world.down['vlm']})")
+    elif vlm_goal.state == "unloaded" and not vlm_off:
         nbytes = vlm_fp if world.gpu else 0
         freeing.append(PlannedStep(UNLOAD_VLM, f"unload {world.vlm_model}", nbytes, vlm_goal.reason))
         planned_freed += nbytes

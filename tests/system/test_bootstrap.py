@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket
+import time
 
 import psutil
 import pytest
@@ -134,3 +135,30 @@ def test_actors_start_in_any_order_without_errors_or_message_storms(system):
     events = [_json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     failed = [e for e in events if e["event"] in ("handler.failed", "message.unrecognized")]
     assert failed == [], failed[:3]
+
+
+def test_without_ollama_the_example_loop_gets_autopilot_and_a_reason_for_recording(tmp_path):
+    """README's promise: Mai runs without Ollama, reporting the degraded part. An ExecutionLoop then gets AUTOPILOT
+    (CLIP on the GPU: nothing is known to unload, and CLIP is fitted against the real reading) and a fast, named
+    failure for RECORDING, which needs the VLM."""
+    import subprocess
+    import sys
+
+    from tests.system.harness import ROOT, test_env
+
+    with running_mai(tmp_path) as system:  # the harness points Ollama at a port where nothing listens
+        client = system.client()
+        try:
+            wait_for(lambda: "vlm" in dict(client.get_status().degraded) and client.get_status().clip.ready, timeout_s=60)
+        finally:
+            client.close()
+        env = test_env() | {"MAI_CONFIG": str(system.config_path)}
+        began = time.monotonic()
+        result = subprocess.run([sys.executable, "examples/execution_loop.py", "--steps", "1"], capture_output=True,
+                                text=True, timeout=120, env=env, cwd=ROOT)
+        took_s = time.monotonic() - began
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "VLM unavailable (backend_unreachable)" in result.stdout and "is unreachable" in result.stdout
+    assert "autopilot reached" in result.stdout and "CLIP on sim-gpu" in result.stdout
+    assert "final: mode autopilot" in result.stdout and "'vlm'" in result.stdout  # degraded, with its reason
+    assert took_s < 60  # failing fast, not waiting out a load timeout

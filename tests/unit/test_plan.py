@@ -285,8 +285,20 @@ def test_a_part_that_is_down_blocks_its_steps_with_the_reason():
 def test_a_part_down_since_the_start_says_why_rather_than_that_its_state_is_unknown():
     # Ollama unreachable when Mai starts: the loader never observed the VLM; `mai mode` names the cause to fix.
     plan = plan_steps(world(vlm_state="unknown", down={"vlm": "Ollama at http://127.0.0.1:11434 is unreachable"}),
-                      AUTOPILOT, Demand())
-    assert plan.steps[0].blocked == "vlm unavailable: Ollama at http://127.0.0.1:11434 is unreachable"
+                      RECORDING, Demand())
+    (load,) = [s for s in plan.steps if s.kind == LOAD_VLM]
+    assert load.blocked == "vlm unavailable: Ollama at http://127.0.0.1:11434 is unreachable"
+
+
+def test_autopilot_without_ollama_still_puts_clip_on_the_gpu():
+    # Never seen and unreachable: there is nothing known to unload, and no way to; CLIP is fitted against the reading.
+    down = {"vlm": "Ollama at http://127.0.0.1:11434 is unreachable"}
+    plan = plan_steps(world(vlm_state="unknown", clip_placement="cpu", down=down), AUTOPILOT, Demand())
+    assert [s.kind for s in plan.steps] == [MOVE_CLIP_GPU] and plan.next_step is not None
+    assert any("no VLM unload" in note for note in plan.notes)
+    # Known to be loaded when Ollama went away: its unload waits for Ollama, and CLIP waits behind it (its bytes).
+    plan = plan_steps(world(vlm_state="loaded", clip_placement="cpu", down=down), AUTOPILOT, Demand())
+    assert plan.steps[0].kind == UNLOAD_VLM and plan.next_step is None
 
 
 def test_a_failed_step_waits_for_its_retry():
