@@ -7,6 +7,8 @@ no restart, still answering what it is there for, and the system still switches 
 from __future__ import annotations
 
 import decimal
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -177,3 +179,22 @@ def test_a_wiring_message_without_a_configuration_does_not_take_an_actors_away(s
         ctx.tell(addresses[role], unchecked(Init, {"config": None, "peers": (), "restart_count": 0}))
         ctx.tell(addresses[role], unchecked(Peers, {"peers": (("coordinator", "nowhere"),)}))
     assert _works(client, role, addresses[role])
+
+
+def test_a_forged_child_exit_does_not_start_a_second_copy_of_a_live_actor(system):
+    """Thespian's ChildActorExited travels on the same sockets as everything else, so anyone on loopback can send
+    one naming a live actor. The supervisor restarts only a child whose process is really gone: a second CLIP mover
+    or VLM loader would hold a second model and fight the first over the same VRAM."""
+    from thespian.actors import ChildActorExited
+
+    running, client, addresses, pids = system
+    before = client.system_info()
+    with client._asys.private() as ctx:
+        ctx.tell(addresses["supervisor"], ChildActorExited(addresses["clip"]))
+    time.sleep(2.0)  # ten times the restart backoff of the test configuration
+    after = client.system_info()
+    assert after.address_of("clip") == before.address_of("clip")
+    assert [c.restarts for c in after.children] == [c.restarts for c in before.children]
+    assert _ping(client, addresses["clip"]).pid == pids["clip"] and _works(client, "clip", addresses["clip"])
+    log = (Path(running.config.system.state_dir) / "mai.log").read_text()
+    assert '"event": "child.exit_ignored"' in log and '"child": "clip"' in log  # and the log says why
