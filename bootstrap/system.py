@@ -328,7 +328,14 @@ def stop(cfg: Any, timeout_s: float | None = None) -> StopReport:
             continue
     psutil.wait_procs(alive, timeout=2)
     report = StopReport(True, time.monotonic() - began, killed)
-    log.info("system.stopped", duration_s=round(report.duration_s, 3), killed=len(killed))
+    # Into the log file, not onto the terminal: `mai stop` prints its own sentence, and the logger process is gone.
+    path = log_file(cfg)
+    if path is not None:
+        try:
+            append_event(path, "info", "mai.bootstrap", "system.stopped", duration_s=round(report.duration_s, 3),
+                         killed=[k["name"] for k in killed])
+        except OSError:
+            pass  # an unusable state dir already said so at start; stopping goes on
     return report
 
 

@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -120,6 +121,11 @@ def test_stop_leaves_no_process_and_frees_the_port(tmp_path):
         port = system.config.system.admin_port
         pids = _system_pids(port)
         assert pids
+        stopped = system.cli("stop")
+        # One sentence on the terminal; the details go to the log.
+        assert stopped.returncode == 0 and stopped.stdout.startswith("Mai stopped in ") and stopped.stderr == ""
+        log = (Path(system.config.system.state_dir) / "mai.log").read_text().splitlines()
+        assert json.loads(log[-1])["event"] == "system.stopped" and json.loads(log[-1])["killed"] == []
     wait_for(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids), timeout_s=15)
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", port)) != 0
