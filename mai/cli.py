@@ -213,7 +213,11 @@ def cmd_mode(args: argparse.Namespace) -> int:
         print(f"mai: mode: got {args.mode!r}; accepted: {', '.join(cfg.modes)}", file=sys.stderr)
         return 2
     with connect(config=cfg) as client:
-        reply = client.set_mode(args.mode, wait=args.wait, timeout_s=args.timeout)
+        if args.wait and not args.json:
+            reply = _with_progress(client, lambda: client.set_mode(args.mode, wait=True, timeout_s=args.timeout),
+                                   f"mode {args.mode.lower()}")
+        else:
+            reply = client.set_mode(args.mode, wait=args.wait, timeout_s=args.timeout)
     if args.wait:
         _emit(args, {"mode": reply.mode, "duration_s": reply.duration_s, "steps": list(reply.steps)},
               f"mode {reply.mode} reached in {reply.duration_s:.2f} s" + (f": {'; '.join(reply.steps)}" if reply.steps else ""))
@@ -221,6 +225,51 @@ def cmd_mode(args: argparse.Namespace) -> int:
         _emit(args, {"mode": reply.mode, "plan": list(reply.plan)},
               f"mode {reply.mode} accepted" + (f"; plan: {'; '.join(reply.plan)}" if reply.plan else "; nothing to change"))
     return 0
+
+
+PROGRESS_EVERY_S = 0.5
+
+
+def _with_progress(client: Any, call: Any, what: str) -> Any:
+    """Run `call` (a wait on Mai) and say on stderr what Mai is doing meanwhile: a VLM load takes seconds, a cold
+    one from disk much longer, and a silent terminal looks hung. On a terminal one line is redrawn; otherwise a line
+    is written each time the step changes. Nothing is shown for a call that returns within the first interval."""
+    import threading
+
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            result["value"] = call()
+        except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
+            result["error"] = err
+
+    worker = threading.Thread(target=run, name="mai-wait", daemon=True)
+    began = time.monotonic()
+    worker.start()
+    tty = sys.stderr.isatty()
+    shown, width = None, 0
+    while True:
+        worker.join(PROGRESS_EVERY_S)
+        if not worker.is_alive():
+            break
+        try:
+            status = client.get_status(timeout_s=2.0)
+            doing = status.step_in_flight or (status.plan[0] if status.plan else "finishing")
+        except MaiError:
+            doing = "waiting for Mai to answer"
+        line = f"{what}: {doing} ({time.monotonic() - began:.1f} s)"
+        if tty:
+            print("\r" + line.ljust(width), end="", file=sys.stderr, flush=True)
+            width = max(width, len(line))
+        elif doing != shown:
+            print(line, file=sys.stderr, flush=True)
+        shown = doing
+    if tty and width:
+        print("\r" + " " * width + "\r", end="", file=sys.stderr, flush=True)
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
 
 
 def _event_dict(event: Any) -> dict:

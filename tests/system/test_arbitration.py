@@ -251,3 +251,19 @@ def test_the_example_execution_loop_runs_against_mai(world):
     assert result.returncode == 0, result.stderr
     assert "VLM says: [qwen2.5vl:7b]" in result.stdout  # the double's reply: the lease reached Ollama directly
     assert "CLIP on sim-gpu" in result.stdout and "final: mode autopilot" in result.stdout
+
+
+def test_mai_mode_wait_shows_what_mai_is_doing_during_a_long_load(tmp_path):
+    """A VLM load takes seconds (a cold one much longer): `mai mode recording --wait` says what it waits for instead
+    of sitting silent, on stderr, so the one-line result on stdout stays the same for scripts."""
+    ledger_path = tmp_path / "gpu.sqlite"
+    with ollama_double(tmp_path / "ollama", ledger=ledger_path, vram_bytes=12 * GiB, load_time_s=2.0) as ollama:
+        sections = {"gpu": {"simulated_ledger": str(ledger_path)}, "ollama": {"host": ollama.host, "vlm_model": VLM}}
+        with running_mai(tmp_path, **sections) as system:
+            with system.client() as client:
+                wait_for(lambda: client.get_status().vlm.state == "unloaded" and client.get_status().clip.ready,
+                         timeout_s=60)
+            result = system.cli("mode", "recording", "--wait")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("mode recording reached in ")
+    assert f"mode recording: load {VLM} (" in result.stderr  # not a terminal: one line per step it waited on
