@@ -280,13 +280,31 @@ def _event_dict(event: Any) -> dict:
 
 
 def _event_text(event: Any) -> str:
+    """One line a person reads at a glance: what changed and why (`--json` keeps every field as it is)."""
     data = _event_dict(event)
     kind = data.pop("type")
     at = time.strftime("%H:%M:%S", time.localtime(data.pop("at", time.time())))
+    d = data
     if kind == "ResourceChanged":
-        snap = data["snapshot"]
-        return f"{at} {kind}: used {_mib(snap['used_bytes'])} of {_mib(snap['total_bytes'])} ({data['delta_used_bytes'] / 2**20:+,.0f} MiB)"
-    return f"{at} {kind}: " + " ".join(f"{k}={v}" for k, v in data.items())
+        snap = d["snapshot"]
+        text = f"used {_mib(snap['used_bytes'])} of {_mib(snap['total_bytes'])} ({d['delta_used_bytes'] / 2**20:+,.0f} MiB)"
+    elif kind == "ModeChanged":
+        text = f"{d['previous']} -> {d['mode']} in {d['duration_s']:.2f} s" + (f": {'; '.join(d['steps'])}" if d["steps"] else "")
+    elif kind == "PlacementChanged":
+        text = f"{d['component']} {d['state']} (reason: {d['reason']})"
+    elif kind == "IdleUnloaded":
+        text = f"{d['model']} unloaded after {d['idle_s']:.0f} s without a request"
+    elif kind == "Degraded":
+        text = f"{d['part']}: {d['reason']}"
+    elif kind == "Recovered":
+        text = f"{d['part']} works again"
+    elif kind == "PlanRefused":
+        text = f"{d['step']}: {d['reason']} (needs {_mib(d['needed_bytes'])}, {_mib(d['free_bytes'])} free)"
+    elif kind == "ModelSwitched":
+        text = f"{d['previous'] or '-'} -> {d['model']} ({d['reason']})"
+    else:
+        text = " ".join(f"{k}={round(v, 3) if isinstance(v, float) else v}" for k, v in d.items())
+    return f"{at} {kind}: {text}"
 
 
 def cmd_events(args: argparse.Namespace) -> int:
