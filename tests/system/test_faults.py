@@ -333,33 +333,43 @@ def test_sigkill_of_an_idle_actor_is_restarted_and_reconciled(world, role):
     assert f"last_user=still there after the {role} died?" in reply
 
 
-def test_a_subscription_follows_a_restarted_coordinator(world):
-    """`mai events --follow` and an ExecutionLoop's subscribe() keep receiving events after the coordinator is
-    restarted: the renewal finds the successor instead of renewing at the dead address forever."""
-    w = world
-    _to_mode(w, "recording")
+@contextmanager
+def _subscribed(w: World, ttl_s: float) -> Iterator[list[tuple[float, Any]]]:
+    """A client subscribed for the block (renewing every ttl_s / 3): (monotonic time, event) as they arrive."""
     listener = w.system.client()
-    events: list[Any] = []
+    events: list[tuple[float, Any]] = []
     stop, ready = threading.Event(), threading.Event()
 
     def listen() -> None:
-        for event in listener.subscribe(ttl_s=3.0, stop=stop, ready=ready):
-            events.append(event)
+        for event in listener.subscribe(ttl_s=ttl_s, stop=stop, ready=ready):
+            events.append((time.monotonic(), event))
 
     thread = threading.Thread(target=listen, daemon=True)
     thread.start()
     try:
         assert ready.wait(30), "the subscription was never acknowledged"
-        victim = _actor(w.client, "coordinator")
-        _wait_restarted(w.client, victim, _kill(victim))
-        time.sleep(2.0)  # renewed every ttl_s / 3: events published before the successor knows it reach nobody
-        w.client.set_mode("autopilot", wait=True, timeout_s=60)
-        wait_for(lambda: any(type(e).__name__ == "ModeChanged" and e.mode == "autopilot" for e in events),
-                 timeout_s=30)
+        yield events
     finally:
         stop.set()
         thread.join(10)
         listener.close()
+
+
+def _mode_event(events: list[tuple[float, Any]], mode: str, since: float = 0.0) -> float | None:
+    return next((t for t, e in events if t >= since and type(e).__name__ == "ModeChanged" and e.mode == mode), None)
+
+
+def test_a_subscription_follows_a_restarted_coordinator(world):
+    """`mai events --follow` and an ExecutionLoop's subscribe() keep receiving events after the coordinator is
+    restarted: the renewal finds the successor instead of renewing at the dead address forever."""
+    w = world
+    _to_mode(w, "recording")
+    with _subscribed(w, ttl_s=3.0) as events:
+        victim = _actor(w.client, "coordinator")
+        _wait_restarted(w.client, victim, _kill(victim))
+        time.sleep(2.0)  # past a renewal (every ttl_s / 3), which must have found the successor
+        w.client.set_mode("autopilot", wait=True, timeout_s=60)
+        wait_for(lambda: _mode_event(events, "autopilot"), timeout_s=30)
     _settled(w.client, "autopilot")
 
 
@@ -368,29 +378,13 @@ def test_a_restarted_coordinator_publishes_to_its_predecessors_subscribers_at_on
     state dir, so the first event after the restart reaches a subscriber that renews only every 20 s."""
     w = world
     _to_mode(w, "recording")
-    listener = w.system.client()
-    events: list[Any] = []
-    stop, ready = threading.Event(), threading.Event()
-
-    def listen() -> None:
-        for event in listener.subscribe(ttl_s=60.0, stop=stop, ready=ready):
-            events.append((time.monotonic(), event))
-
-    thread = threading.Thread(target=listen, daemon=True)
-    thread.start()
-    try:
-        assert ready.wait(30), "the subscription was never acknowledged"
+    with _subscribed(w, ttl_s=60.0) as events:
         victim = _actor(w.client, "coordinator")
         _wait_restarted(w.client, victim, _kill(victim))
         asked_at = time.monotonic()
         w.client.set_mode("autopilot", wait=True, timeout_s=60)
-        got = wait_for(lambda: next((t for t, e in events if t >= asked_at and type(e).__name__ == "ModeChanged"
-                                     and e.mode == "autopilot"), None), timeout_s=10)
+        got = wait_for(lambda: _mode_event(events, "autopilot", since=asked_at), timeout_s=10)
         assert got - asked_at < 10  # the subscriber's next renewal is 20 s after it subscribed
-    finally:
-        stop.set()
-        thread.join(10)
-        listener.close()
     ready_lines = [e for e in w.log_events() if e["event"] == "coordinator.ready"]
     assert ready_lines[-1]["subscribers"] >= 1
     _settled(w.client, "autopilot")
