@@ -158,23 +158,14 @@ class GpuLedger:
 
     def usage(self) -> dict[str, int]:
         """owner -> bytes currently held (pending delayed frees still count until due)."""
-        self._settle_if_due()
-        with closing(self._connect()) as conn:
-            rows = conn.execute(
-                "SELECT owner, SUM(nbytes) FROM holdings GROUP BY owner HAVING SUM(nbytes) > 0 ORDER BY owner"
-            ).fetchall()
+        rows = self._settle_if_due().execute(
+            "SELECT owner, SUM(nbytes) FROM holdings GROUP BY owner HAVING SUM(nbytes) > 0 ORDER BY owner"
+        ).fetchall()
         return {owner: int(nbytes) for owner, nbytes in rows}
 
     def snapshot(self) -> VramSnapshot:
-        # The sampler reads on every wait and every step, and NVML answers in microseconds: a reader connection
-        # kept per process and thread (a new one parses the schema again, most of a read's cost), settling only
-        # when a delayed free is due.
-        conn = self._reader()
+        conn = self._settle_if_due()
         now = time.time()
-        if conn.execute("SELECT 1 FROM holdings WHERE release_at <= ? LIMIT 1", (now,)).fetchone():
-            with _immediate(conn):
-                now = time.time()
-                _settle(conn, now)
         total, used = self._total(conn), _used(conn, now)
         name = _meta(conn, "device_name") or "Simulated GPU"
         return VramSnapshot(
@@ -189,16 +180,16 @@ class GpuLedger:
 
     def events(self) -> list[LedgerEvent]:
         """Every event so far, in the order they happened."""
-        self._settle_if_due()
-        with closing(self._connect()) as conn:
-            rows = conn.execute(
-                "SELECT seq, t, kind, owner, op, nbytes, used_after FROM events ORDER BY seq"
-            ).fetchall()
+        rows = self._settle_if_due().execute(
+            "SELECT seq, t, kind, owner, op, nbytes, used_after FROM events ORDER BY seq"
+        ).fetchall()
         return [LedgerEvent(*row) for row in rows]
 
     # -- internals ------------------------------------------------------------------------------------------
 
     def _reader(self) -> sqlite3.Connection:
+        """This process's and thread's reader connection, kept: the sampler reads on every wait and every step, NVML
+        answers in microseconds, and a new connection parses the schema again (most of a read's cost)."""
         key = (os.getpid(), threading.get_ident())
         if self._readers.get(key) is None:
             self._readers[key] = self._connect()
@@ -219,13 +210,14 @@ class GpuLedger:
         with self._write() as (conn, now):
             _record(conn, now, kind, owner, op, 0, _used(conn, now))
 
-    def _settle_if_due(self) -> None:
-        """Turn due delayed frees into 'free' events; a cheap read first so plain readers rarely write."""
-        with closing(self._connect()) as conn:
-            due = conn.execute("SELECT 1 FROM holdings WHERE release_at <= ? LIMIT 1", (time.time(),)).fetchone()
-        if due:
-            with self._write():
-                pass
+    def _settle_if_due(self) -> sqlite3.Connection:
+        """Turn due delayed frees into 'free' events (a cheap read first, so plain readers rarely write); returns the
+        reader connection, for the read that follows."""
+        conn = self._reader()
+        if conn.execute("SELECT 1 FROM holdings WHERE release_at <= ? LIMIT 1", (time.time(),)).fetchone():
+            with _immediate(conn):
+                _settle(conn, time.time())  # read under the write lock, so event times follow sequence order
+        return conn
 
     def _total(self, conn: sqlite3.Connection) -> int:
         return int(_meta(conn, "total_bytes") or 0)
