@@ -818,14 +818,15 @@ class Coordinator:
     def _demand(self, now: float) -> Demand:
         waiting = [w for w in self._waiters if w.kind == "lease" or (w.kind == "ensure" and w.request.loaded)]
         fresh_leases = [l for l in self._leases.values() if l.granted_at > self._target_set_at]
+        grace_end = self._grace_end_at()
         return Demand(
             leases_held=len(self._leases),
             on_demand=len(waiting) + len(fresh_leases),
             ensure_unloaded=sum(1 for w in self._waiters if w.kind == "ensure" and not w.request.loaded),
             idle_due=self._idle == "due",
             policy_suspended=self._idle == "suspended",
-            grace=self._grace_until(now) is not None,
-            grace_ended=self._grace_ended(now),
+            grace=grace_end is not None and now < grace_end,
+            grace_ended=grace_end is not None and now >= grace_end,  # the unload says so, rather than "mode"
             clip_pin=self._pin,
             chat_load_waiting=any(w.kind == "chat" and not w.request.unload for w in self._waiters),
             chat_load_bytes=max((w.request.needed_bytes for w in self._waiters if w.kind == "chat"
@@ -1031,7 +1032,9 @@ class Coordinator:
             return None
         return self._last_used_at + self.settings.idle_timeout_s
 
-    def _grace_until(self, now: float) -> float | None:
+    def _grace_end_at(self) -> float | None:
+        """When the grace of an on-demand VLM in this mode ends (None: no grace applies, as no demand came since
+        the target was set)."""
         policy = self.settings.modes[self._target]
         end = self._last_demand_end_at
         if policy.vlm != "unloaded" or policy.vlm_grace_s is None or end is None or end < self._target_set_at:
@@ -1039,15 +1042,11 @@ class Coordinator:
         grace = policy.vlm_grace_s
         if self.settings.keep_coresident_vlm and self._vlm_state == "loaded" and self._clip_placement == "gpu":
             grace = max(grace, self.settings.idle_timeout_s)  # both fit: co-resident until the idle timeout
-        until = end + grace
-        return until if now < until else None
+        return end + grace
 
-    def _grace_ended(self, now: float) -> bool:
-        """An on-demand VLM's grace in this mode has run out: its unload is the grace's end, not the mode's entry."""
-        policy = self.settings.modes[self._target]
-        end = self._last_demand_end_at
-        return (policy.vlm == "unloaded" and policy.vlm_grace_s is not None and end is not None
-                and end >= self._target_set_at and self._grace_until(now) is None)
+    def _grace_until(self, now: float) -> float | None:
+        until = self._grace_end_at()
+        return until if until is not None and now < until else None
 
     def _answer_satisfied(self, now: float, fx: list[Effect]) -> None:
         vlm_busy = self._inflight is not None and self._inflight.step.kind in (LOAD_VLM, UNLOAD_VLM)

@@ -67,9 +67,6 @@ class SamplerCore:
         self.waits = pending
         return answered
 
-    def next_deadline(self) -> float | None:
-        return min((w.deadline for w in self.waits), default=None)
-
     def next_poll(self) -> float | None:
         """When the pending waits want the next reading (None: no wait pending)."""
         return min((min(w.next_poll, w.deadline) for w in self.waits), default=None)

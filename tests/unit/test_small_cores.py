@@ -45,10 +45,10 @@ def test_wait_until_free_answers_at_75_percent_or_at_the_deadline():
     (to, answer), = core.observe(snap(2400), 2)[1]  # 4600 MiB back: ≥ 75 %
     assert to == "coord" and answer.complete and answer.recovered_bytes == 4600 * MiB and answer.waited_s == 2
     core.wait(WaitVramFree("s2", baseline_free_bytes=5792 * MiB, expected_bytes=6000 * MiB, timeout_s=5), "coord", 10)
-    assert core.next_deadline() == 15
+    assert [w.deadline for w in core.waits] == [15]
     (_, late), = core.observe(snap(2400), 15.0)[1]
     assert not late.complete and late.step_id == "s2"  # answered incomplete, never left hanging
-    assert core.next_deadline() is None
+    assert core.waits == [] and core.next_poll() is None
 
 
 def test_a_pending_wait_reads_again_after_10_ms_then_twice_as_long_up_to_the_poll_interval():
