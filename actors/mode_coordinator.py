@@ -66,10 +66,14 @@ def _json_load(path: Path) -> Any:
         return None
 
 
-def _json_save(path: Path, data: Any) -> None:
+def _save(path: Path, data: bytes) -> None:
     tmp = private_file(path.with_suffix(".tmp"))  # 0600 from the start, not after a moment with the umask's mode
-    tmp.write_text(json.dumps(data))
+    tmp.write_bytes(data)
     tmp.replace(path)  # atomic: a crash never leaves half a file
+
+
+def _json_save(path: Path, data: Any) -> None:
+    _save(path, json.dumps(data).encode())
 
 
 class ModeCoordinator(MaiActor):
@@ -189,11 +193,8 @@ class ModeCoordinator(MaiActor):
     def _save_subscribers(self) -> None:
         """On every subscribe, renewal and unsubscribe (a renewal comes every ttl/3 per subscriber): what a successor
         needs to go on publishing at once after this actor dies."""
-        path = subscribers_file(self.config)
         try:
-            tmp = private_file(path.with_suffix(".tmp"))
-            tmp.write_bytes(pickle.dumps(self.subscribers.entries()))
-            tmp.replace(path)
+            _save(subscribers_file(self.config), pickle.dumps(self.subscribers.entries()))
         except (OSError, pickle.PicklingError) as err:
             self.log.warning("subscribers.not_saved", error=str(err))
 

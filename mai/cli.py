@@ -281,10 +281,9 @@ def _event_dict(event: Any) -> dict:
 
 def _event_text(event: Any) -> str:
     """One line a person reads at a glance: what changed and why (`--json` keeps every field as it is)."""
-    data = _event_dict(event)
-    kind = data.pop("type")
-    at = time.strftime("%H:%M:%S", time.localtime(data.pop("at", time.time())))
-    d = data
+    d = _event_dict(event)
+    kind = d.pop("type")
+    at = time.strftime("%H:%M:%S", time.localtime(d.pop("at", time.time())))
     if kind == "ResourceChanged":
         snap = d["snapshot"]
         text = f"used {_mib(snap['used_bytes'])} of {_mib(snap['total_bytes'])} ({d['delta_used_bytes'] / 2**20:+,.0f} MiB)"
