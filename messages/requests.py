@@ -16,7 +16,7 @@ CLIP_PLACEMENTS = ("cpu", "gpu")
 
 def check_mode_name(obj: object, field: str) -> None:
     value = getattr(obj, field)
-    if not isinstance(value, str) or not MODE_NAME.match(value):
+    if not isinstance(value, str) or not MODE_NAME.fullmatch(value):
         raise invalid(type(obj).__name__, field, value, "a mode name such as 'autopilot', 'recording' or 'idle'")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import pickle
 
 import pytest
@@ -50,9 +51,33 @@ def test_failure_round_trips_to_the_matching_error_through_pickle():
     assert Failure.from_error("r", KeyError("x")).reason is Reason.INTERNAL
 
 
-@given(st.text(max_size=30), st.floats(allow_nan=True, allow_infinity=True))
-def test_set_mode_never_raises_anything_but_invalid_request(mode, timeout):
+MODE_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789_"
+
+
+def _is_mode_name(text: str) -> bool:
+    """The documented rule, written out without the product's regex: 1-32 of [a-z0-9_], starting with a letter."""
+    return 1 <= len(text) <= 32 and text[0] in MODE_CHARS[:26] and all(c in MODE_CHARS for c in text)
+
+
+modes = st.one_of(
+    st.text(max_size=40),
+    st.text(alphabet=MODE_CHARS + "ABCXYZ-\n ", min_size=0, max_size=40),  # near misses of valid names
+    st.sampled_from(["autopilot", "RECORDING", "idle\n", "\nidle", "a" * 32, "a" * 33, "_x", "9x"]),
+)
+
+
+@given(modes, st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-5, 10**400)))
+def test_set_mode_accepts_exactly_the_valid_values_and_names_the_field_it_refuses(mode, timeout):
+    mode_ok = _is_mode_name(mode.lower())
+    timeout_ok = math.isfinite(float(timeout)) if abs(timeout) < 1e308 else False
+    timeout_ok = timeout_ok and timeout >= 0.001
     try:
-        SetMode("r", mode, timeout_s=timeout)
-    except InvalidRequest:
-        pass
+        message = SetMode("r", mode, timeout_s=timeout)
+    except InvalidRequest as err:  # anything else escapes and fails the test
+        assert not (mode_ok and timeout_ok), f"refused a valid SetMode({mode!r}, timeout_s={timeout!r}): {err}"
+        field = "SetMode.mode" if not mode_ok else "SetMode.timeout_s"  # checked in field order
+        assert err.details["field"] == field and field in str(err), (mode, timeout, str(err))
+        assert ("mode name" if not mode_ok else ">= 0.001") in str(err)
+        return
+    assert mode_ok and timeout_ok, f"accepted SetMode({mode!r}, timeout_s={timeout!r})"
+    assert message.mode == mode.lower() and message.timeout_s == timeout
