@@ -24,11 +24,14 @@ from mai.core.coordinator import (
     PersistFootprint,
     Publish,
     ReadVram,
+    ReobserveVlm,
     Reply,
     SendStep,
+    Tell,
     Tick,
     WakeAt,
 )
+from mai.core.footprints import FOOTPRINTS_FILE
 from mai.core.subscriptions import Subscribers
 from messages.base import new_request_id
 from messages.requests import SetMode, Subscribe, Subscribed, Unsubscribe, Unsubscribed
@@ -49,7 +52,7 @@ RESERVED_LOG_FIELDS = frozenset(vars(logging.LogRecord("x", 0, "x", 0, "x", None
 
 def _urgency(effect: Any) -> int:
     """Execution order of one message's effects: steps and replies, then events, then logs, timers and files."""
-    if isinstance(effect, (SendStep, ReadVram, Reply)):
+    if isinstance(effect, (SendStep, ReadVram, ReobserveVlm, Reply)):
         return 0
     return 1 if isinstance(effect, Publish) else 2
 
@@ -91,7 +94,7 @@ class ModeCoordinator(MaiActor):
         return Path(self.config.system.state_dir) / name
 
     def on_init(self, init: Init) -> None:
-        footprints = _json_load(self._path("footprints.json")) or {}
+        footprints = _json_load(self._path(FOOTPRINTS_FILE)) or {}
         saved = _json_load(self._path("mode.json")) or {}
         saved_mode, saved_target = saved.get("mode"), saved.get("target")
         settings = CoordinatorSettings.from_config(init.config)
@@ -157,15 +160,22 @@ class ModeCoordinator(MaiActor):
         elif isinstance(effect, ReadVram):
             if self.peers.get("sampler") is not None:
                 self.send(self.peers["sampler"], GetVram(new_request_id()))
+        elif isinstance(effect, ReobserveVlm):
+            if self.peers.get("vlm") is not None:
+                self.send(self.peers["vlm"], Reobserve())
+        elif isinstance(effect, Tell):
+            if self.peers.get(effect.target) is not None:
+                self.send(self.peers[effect.target], effect.message)
         elif isinstance(effect, WakeAt):
             self._wake_at(effect.at)
         elif isinstance(effect, Log):
             self.log.info(effect.event, **{(f"{k}_" if k in RESERVED_LOG_FIELDS else k): v
                                            for k, v in effect.fields.items()})
         elif isinstance(effect, PersistFootprint):
-            path = self._path("footprints.json")
-            data = _json_load(path) or {}
-            data[effect.model] = effect.nbytes
+            path = self._path(FOOTPRINTS_FILE)
+            data = _json_load(path)
+            data = data if isinstance(data, dict) else {}
+            data[effect.key] = effect.nbytes  # old-format entries stay: an older Mai reading this file still finds them
             _json_save(path, data)
 
     def _wake_at(self, at: float) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from messages.base import check_instance, check_int, check_number, check_text, invalid
+from messages.chat import FragmentKind
 
 
 @dataclass(frozen=True)
@@ -24,13 +25,15 @@ class UserTurn:
 
 @dataclass(frozen=True)
 class ReplyChunk:
-    """A batch of tokens (never one message per token). `restart` True: a model failed mid-reply and another
-    one starts the answer again from here; discard what this turn showed so far."""
+    """A batch of tokens of one kind (never one message per token): CONTENT is the reply, REASONING a thinking
+    model's reasoning, shown apart and never stored. `restart` True: a model failed mid-reply and another one
+    starts the answer again from here; discard what this turn showed so far, reasoning included."""
 
     request_id: str
     seq: int
     text: str
     restart: bool = False
+    kind: FragmentKind = FragmentKind.CONTENT
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,7 @@ class ReplyDone:
     status: str  # complete | cancelled
     tokens_per_s: float | None
     switches: tuple[str, ...] = ()  # silent switches made to answer this turn, each with its reason
+    thinking: str = ""  # the model's reasoning before `content`; not part of the reply or the history
 
 
 @dataclass(frozen=True)
@@ -145,6 +149,7 @@ class ChatNeeds:
     needed_bytes: int
     unload: bool = False
     timeout_s: float = 60.0
+    context_length: int = 0  # the context the model is loaded with (its footprint is measured per context); 0: none
 
     def __post_init__(self) -> None:
         check_text(self, "request_id")
@@ -152,6 +157,7 @@ class ChatNeeds:
         check_int(self, "needed_bytes")
         check_instance(self, "unload", bool)
         check_number(self, "timeout_s", minimum=0.001)
+        check_int(self, "context_length")
 
 
 @dataclass(frozen=True)

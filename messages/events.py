@@ -43,6 +43,18 @@ class PlacementChanged:
 
 
 @dataclass(frozen=True)
+class FootprintMeasured:
+    """The VRAM a model's own load took, measured under the GPU gate (`mai.core.footprints`): it replaces the
+    declared footprint of `model` at `context_length` (0: a model without one)."""
+
+    part: str  # "vlm" | "clip" | "chat"
+    model: str
+    context_length: int
+    nbytes: int
+    at: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
 class Degraded:
     part: str
     reason: str

@@ -29,6 +29,7 @@ class ClipStatus:
     device: str  # where the weights are: cpu | cuda:0 | sim-gpu | unknown
     footprint_bytes: int
     ready: bool
+    footprint_learned: bool = False  # measured (a VRAM delta across its move to the GPU), else declared or reported
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,8 @@ class Status:
     plan: tuple[str, ...]  # steps still to run toward the target
     step_in_flight: str | None
     at: float
+    chat_footprint_bytes: int = 0  # what the chat model holds, as Mai counts it (0: none loaded)
+    chat_footprint_learned: bool = False  # measured, else declared
 
     def to_dict(self) -> dict:
         data = asdict(self)

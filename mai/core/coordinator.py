@@ -15,10 +15,11 @@ mode's own steps go first; when a step of the mode needs the bytes the chat mode
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, Union
 
 from mai.core.chat_gate import CHAT_LOAD, CHAT_UNLOAD, chat_refusal, grantable_bytes
+from mai.core.footprints import footprint_key, judge_delta, parse_footprints
 from mai.core.plan import (
     ALLOCATING_KINDS,
     CONFIRM_FREE,
@@ -48,6 +49,7 @@ from messages.conversation import (
 from messages.errors import InsufficientVram, MaiError, Reason
 from messages.events import (
     Degraded,
+    FootprintMeasured,
     IdleUnloaded,
     ModeChanged,
     ModelSwitched,
@@ -91,12 +93,14 @@ from messages.steps import (
 
 __all__ = [
     "Coordinator", "CoordinatorSettings", "ModePolicy", "Effect",
-    "SendStep", "Reply", "Publish", "WakeAt", "Log", "PersistFootprint", "Tick",
+    "SendStep", "Reply", "Publish", "WakeAt", "Log", "PersistFootprint", "ReadVram", "ReobserveVlm", "Tell", "Tick",
 ]
 
 MIB = 2**20
 DEFAULT_CLIP_MB = 600  # OpenCLIP ViT-B-32 in fp32, until the first move measures it
 DEFAULT_VLM_MB = 8192  # only when the config gives none: a 7B VLM takes 5-8 GB
+EVICTED_BY_OLLAMA = "evicted_by_ollama"
+OOM_REASONS = frozenset({Reason.INSUFFICIENT_VRAM.value, Reason.OUT_OF_MEMORY.value})
 
 
 # --- settings ---------------------------------------------------------------------------------------------------
@@ -129,6 +133,13 @@ class CoordinatorSettings:
     # While the smallest chat model still fits beside the VLM and CLIP, a chat model leaves them their room even when
     # they are off the GPU, so it need not yield (and be loaded again) each time the agent comes back for them.
     chat_leaves_room: bool = True
+    chat_declared_bytes: Mapping[str, int] = field(default_factory=dict)  # catalog key -> declared footprint
+    # Ollama evicts a pinned VLM by itself (real-servers.md O9-O11); Mai reloads it. After this many evictions within
+    # the window it stops reloading for a while (doubling) and says so, instead of spinning against Ollama.
+    evictions_before_backoff: int = 3
+    eviction_window_s: float = 300.0
+    eviction_backoff_s: float = 30.0
+    eviction_backoff_max_s: float = 600.0
 
     def __post_init__(self) -> None:
         problems = []
@@ -140,11 +151,13 @@ class CoordinatorSettings:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 problems.append(f"{name}: got {getattr(self, name)!r}; accepted: an integer >= 0")
         for name in ("idle_timeout_s", "default_lease_ttl_s", "recovery_timeout_s", "step_timeout_s",
-                     "chat_yield_timeout_s"):
+                     "chat_yield_timeout_s", "eviction_window_s", "eviction_backoff_s", "eviction_backoff_max_s"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name}: got {getattr(self, name)!r}; accepted: a number > 0")
         if not 0 < self.recovery_fraction <= 1:
             problems.append(f"recovery_fraction: got {self.recovery_fraction!r}; accepted: a number in (0, 1]")
+        if not isinstance(self.evictions_before_backoff, int) or self.evictions_before_backoff < 1:
+            problems.append(f"evictions_before_backoff: got {self.evictions_before_backoff!r}; accepted: an integer >= 1")
         if self.load_retry_backoff_s < 0:
             problems.append(f"load_retry_backoff_s: got {self.load_retry_backoff_s!r}; accepted: a number >= 0")
         if problems:
@@ -179,6 +192,7 @@ class CoordinatorSettings:
             clip_declared_bytes=int((clip_mb if clip_mb is not None else DEFAULT_CLIP_MB) * MIB),
             reserve_bytes=int(cfg.gpu.reserve_mb * MIB),
             chat_min_bytes=int(chat_min_mb * MIB),
+            chat_declared_bytes={key: int(mb * MIB) for key, mb in footprints_mb.items()},
             chat_leaves_room=bool(getattr(getattr(cfg, "chat", None), "leave_room_for_agent", True)),
             idle_timeout_s=float(ollama.idle_timeout_s),
             default_lease_ttl_s=float(ollama.lease_ttl_s),
@@ -225,8 +239,22 @@ class Log:
 
 @dataclass(frozen=True)
 class PersistFootprint:
-    model: str
+    key: str  # `model@context` (mai.core.footprints.footprint_key)
     nbytes: int
+
+
+@dataclass(frozen=True)
+class Tell:
+    """Send a fact to the actor with this role (not a step: nothing waits for an answer)."""
+
+    target: str  # "chat"
+    message: object
+
+
+@dataclass(frozen=True)
+class ReobserveVlm:
+    """Ask the VLM loader to read Ollama now (answered with a VlmObserved): after an out-of-memory failure Ollama may
+    have evicted every model, the VLM included (real-servers.md O10, O11)."""
 
 
 @dataclass(frozen=True)
@@ -241,7 +269,7 @@ class Tick:
     """Time passed: check deadlines (the shell sends it at the times asked for with WakeAt)."""
 
 
-Effect = Union[SendStep, Reply, Publish, WakeAt, Log, PersistFootprint, ReadVram]
+Effect = Union[SendStep, Reply, Publish, WakeAt, Log, PersistFootprint, ReadVram, ReobserveVlm, Tell]
 
 STEP_TARGETS = {LOAD_VLM: "vlm", UNLOAD_VLM: "vlm", MOVE_CLIP_CPU: "clip", MOVE_CLIP_GPU: "clip",
                 CONFIRM_FREE: "sampler", READ_VRAM: "sampler", YIELD_CHAT: "chat", CHAT_LOAD: "chat",
@@ -293,6 +321,26 @@ class _InFlight:
     prev_unconfirmed: _Unconfirmed | None
     prev_state: str  # the VLM state or CLIP placement before the step
     chat_model: str | None = None  # a chat load: the model the agent loads
+    chat_context: int = 0  # a chat load: the context length it is loaded with
+
+
+@dataclass
+class _Measure:
+    """A load being measured: the exact reading before it; the footprint is the change to the first reading taken
+    after the load completed and before Mai's next VRAM-changing step was sent."""
+
+    part: str  # "vlm" | "clip" | "chat"
+    model: str
+    context_length: int
+    declared_bytes: int
+    step_id: str
+    before: VramSnapshot
+    completed_at: float | None = None
+    next_step_at: float | None = None  # when Mai's next VRAM-changing step was sent (readings after it are spoiled)
+
+    @property
+    def key(self) -> str:
+        return footprint_key(self.model, self.context_length)
 
 
 class Coordinator:
@@ -315,7 +363,16 @@ class Coordinator:
         self._target = self._mode
         self._target_set_at = now
         self._steps_done: list[tuple[float, str]] = []
-        self._learned: dict[str, int] = {k: int(v) for k, v in (learned_footprints or {}).items() if int(v) > 0}
+        self._learned, ignored = parse_footprints(dict(learned_footprints or {}))
+        if ignored:
+            self._pending_logs.append(Log("footprint.ignored", {"keys": list(ignored), "reason": "old format (Ollama's "
+                                          "size_vram, no CUDA context) or invalid; measured again on the next load"}))
+        self._measure: _Measure | None = None
+        self._last_change_at = float("-inf")  # when the last of Mai's own VRAM changes was reported done
+        self._evictions: list[float] = []  # when Ollama evicted the VLM on its own, within the window
+        self._evicted_until = float("-inf")  # no reload before this (evicted too often)
+        self._evicted_note: str | None = None  # why reloads are held back (degraded part "vlm" in status)
+        self._clip_reported = 0  # what the mover says CLIP takes (its parameter bytes): until measured
         self._vlm_state = "unknown"
         self._vlm_size_bytes = 0
         self._vlm_size_vram_bytes = 0
@@ -323,7 +380,6 @@ class Coordinator:
         self._clip_device = "unknown"
         self._clip_model = ""
         self._clip_ready = False
-        self._clip_fp = settings.clip_declared_bytes
         self._snapshot: VramSnapshot | None = None
         self._allocs: list[tuple[float, float, int]] = []  # (sent_at, completed_at, bytes) not in the last reading
         self._unconfirmed: _Unconfirmed | None = None
@@ -338,6 +394,7 @@ class Coordinator:
         self._last_demand_end_at: float | None = None  # grace reference: last on-demand lease/ensure ended
         self._idle: str | None = None  # None | "due" (unload now) | "suspended" (a "loaded" policy waits for demand)
         self._chat_model: str | None = None
+        self._chat_context = 0  # the context length the chat model was granted with (0: not known)
         self._chat_bytes = 0  # VRAM the chat model holds, per its ChatLoaded (0: none, or not known)
         self._refused: frozenset[tuple[str, int, int]] = frozenset()
         self._notes: frozenset[str] = frozenset()  # plan notes already logged (a decision is logged once)
@@ -401,17 +458,20 @@ class Coordinator:
                 state=self._vlm_state,
                 size_bytes=self._vlm_size_bytes,
                 size_vram_bytes=self._vlm_size_vram_bytes,
-                footprint_bytes=self._vlm_fp,
-                footprint_learned=self.settings.vlm_model in self._learned,
+                footprint_bytes=self._shown_fp(self._vlm_key, self._vlm_fp),
+                footprint_learned=self._measured(self._vlm_key),
                 leases=len(self._leases),
                 host=self.settings.vlm_host,
             ),
-            clip=ClipStatus(self._clip_model, self._clip_device, self._clip_fp, self._clip_ready),
+            clip=ClipStatus(self._clip_model, self._clip_device, self._shown_fp(self._clip_key, self._clip_fp),
+                            self._clip_ready, self._measured(self._clip_key)),
             chat_model=self._chat_model,
             degraded=self._degraded(),
             plan=plan.describe(),
             step_in_flight=inflight,
             at=now,
+            chat_footprint_bytes=self._chat_bytes,
+            chat_footprint_learned=self._chat_key is not None and self._measured(self._chat_key),
         )
 
     # --- requests ------------------------------------------------------------------------------------------------
@@ -431,6 +491,7 @@ class Coordinator:
         self._pin = None
         self._idle = None
         self._retry_after.clear()  # a new request is new demand: retry a failed step now
+        self._evicted_until = float("-inf")  # ... and reload a VLM Ollama kept evicting (the user asked again)
         fx.append(Log("mode.requested", {"mode": msg.mode, "previous_target": previous_target, "wait": msg.wait,
                                          "request_id": msg.request_id}))
         if msg.wait:
@@ -499,16 +560,42 @@ class Coordinator:
         if self._inflight and self._inflight.step.kind in (LOAD_VLM, UNLOAD_VLM):
             fx.append(Log("vlm.observed_during_step", {"loaded": msg.loaded}))
             return  # the step's own result is the authority on what it did
-        was = self._vlm_state
+        was, held_bytes = self._vlm_state, self._vlm_size_vram_bytes or self._vlm_fp
         self._vlm_state = "loaded" if msg.loaded else "unloaded"
         self._vlm_size_bytes = msg.size_bytes if msg.loaded else 0
         self._vlm_size_vram_bytes = msg.size_vram_bytes if msg.loaded else 0
         if msg.loaded and was != "loaded":
             self._last_used_at = now  # idle counts from when we first know it is there
-        if msg.loaded and 0 < msg.size_vram_bytes and msg.size_vram_bytes >= msg.size_bytes:
-            self._learn(msg.size_vram_bytes, fx)
         if was != self._vlm_state:
             fx.append(Log("vlm.observed", {"state": self._vlm_state, "was": was, "size_vram_bytes": msg.size_vram_bytes}))
+        if was == "loaded" and not msg.loaded:
+            self._evicted(held_bytes, now, fx)
+
+    def _evicted(self, held_bytes: int, now: float, fx: list[Effect]) -> None:
+        """Ollama dropped the VLM on its own (a fit check before another client's load, evict-all after a load's OOM,
+        expire-all after a runtime OOM: real-servers.md O9-O11): say so, then the re-plan reloads it if the mode or a
+        lease wants it. Its bytes come back late (O7), so they are confirmed before anything counts on them; and a
+        reload that keeps being evicted backs off (doubling) instead of spinning against Ollama."""
+        self._last_change_at = now
+        self._last_used_at = now
+        self._add_unconfirmed(held_bytes, True)
+        self._read_wanted = True
+        window = self.settings.eviction_window_s
+        self._evictions = [t for t in self._evictions if now - t < window] + [now]
+        count = len(self._evictions)
+        fx.append(Log("vlm.evicted", {"model": self.settings.vlm_model, "reason": EVICTED_BY_OLLAMA,
+                                      "evictions_in_window": count, "window_s": window, "leases": len(self._leases)}))
+        fx.append(Publish(PlacementChanged("vlm", "unloaded", EVICTED_BY_OLLAMA, at=now)))
+        over = count - self.settings.evictions_before_backoff
+        if over < 0:
+            return
+        backoff = min(self.settings.eviction_backoff_s * 2 ** over, self.settings.eviction_backoff_max_s)
+        self._evicted_until = now + backoff
+        note = (f"Ollama evicted {self.settings.vlm_model} {count} times within {window:g} s (another client's load, "
+                f"or out of memory); not reloading it for {backoff:g} s")
+        fx.append(Log("vlm.eviction_backoff", {"model": self.settings.vlm_model, "backoff_s": backoff,
+                                               "evictions_in_window": count, "reason": EVICTED_BY_OLLAMA}))
+        self._set_evicted_note(note, now, fx)
 
     def _on_clip_observed(self, msg: ClipObserved, sender: object, now: float, fx: list[Effect]) -> None:
         if self._inflight and self._inflight.step.kind in (MOVE_CLIP_CPU, MOVE_CLIP_GPU):
@@ -518,7 +605,7 @@ class Coordinator:
         self._clip_device, self._clip_placement = msg.device, _placement(msg.device)
         self._clip_ready, self._clip_model = msg.ready, msg.model
         if msg.footprint_bytes > 0:
-            self._clip_fp = msg.footprint_bytes
+            self._clip_reported = msg.footprint_bytes
         if was != self._clip_placement:
             fx.append(Log("clip.observed", {"device": msg.device, "was": was, "ready": msg.ready}))
 
@@ -526,16 +613,17 @@ class Coordinator:
         self._set_health(msg.part, None if msg.ok else (msg.reason or f"{msg.part} unhealthy"), now, fx)
 
     def _on_resource_changed(self, msg: ResourceChanged, sender: object, now: float, fx: list[Effect]) -> None:
-        self._apply_snapshot(msg.snapshot)
+        self._take_reading(msg.snapshot, fx)
         fx.append(Publish(msg))  # subscribers (the chat agent) switch models on resource changes
 
     def _on_vram_reading(self, msg: VramReading, sender: object, now: float, fx: list[Effect]) -> None:
-        self._apply_snapshot(msg.snapshot)
+        self._take_reading(msg.snapshot, fx)
         self._set_health("gpu", msg.degraded_reason, now, fx)
 
     def _on_model_switched(self, msg: ModelSwitched, sender: object, now: float, fx: list[Effect]) -> None:
         if msg.model != self._chat_model:
-            self._chat_bytes = 0  # a model we granted no load for (adopted after a restart): its bytes are unknown
+            # A model we granted no load for (adopted after a restart): its bytes and its context are unknown.
+            self._chat_bytes, self._chat_context = 0, 0
         self._chat_model = msg.model
         fx.append(Publish(msg))
 
@@ -559,12 +647,16 @@ class Coordinator:
         self._last_used_at = now
         if self._gpu() and msg.size_vram_bytes > 0:
             self._allocated(inflight.sent_at if inflight else now, now, msg.size_vram_bytes)
+        self._last_change_at = now
         if msg.partial_offload:
             # A squeezed load says how little fitted, not what the model needs: keep the footprint we had.
             fx.append(Log("vlm.partial_offload", {"size_bytes": msg.size_bytes, "size_vram_bytes": msg.size_vram_bytes}))
-        elif msg.size_vram_bytes > 0:
-            self._learn(msg.size_vram_bytes, fx)
+            self._drop_measure(msg.step_id, "partial offload: the load shows how little fitted", fx)
+        else:
+            self._measured_step_done(msg.step_id, now)
         if inflight is not None:
+            if self._evicted_note is not None:
+                self._set_evicted_note(None, now, fx)
             self._step_done(inflight, now, fx)
             fx.append(Log("vlm.loaded", {"model": msg.model, "load_s": msg.load_s, "attempts": msg.attempts,
                                          "size_vram_bytes": msg.size_vram_bytes, "reason": inflight.step.cause}))
@@ -575,6 +667,7 @@ class Coordinator:
         if inflight is None and self._vlm_state != "unknown":
             return
         self._vlm_state, self._vlm_size_bytes, self._vlm_size_vram_bytes = "unloaded", 0, 0
+        self._last_change_at = now
         if self._unconfirmed is not None and self._unconfirmed.completed_at is None:
             self._unconfirmed.completed_at = now
         if inflight is None:
@@ -593,7 +686,10 @@ class Coordinator:
             return
         self._clip_device, self._clip_placement, self._clip_ready = msg.device, _placement(msg.device), True
         if msg.footprint_bytes > 0:
-            self._clip_fp = msg.footprint_bytes
+            self._clip_reported = msg.footprint_bytes
+        self._last_change_at = now
+        if self._clip_placement == "gpu":
+            self._measured_step_done(msg.step_id, now)
         if self._clip_placement == "gpu" and self._gpu():
             self._allocated(inflight.sent_at if inflight else now, now, self._clip_fp)
         elif self._unconfirmed is not None and self._unconfirmed.completed_at is None:
@@ -609,7 +705,13 @@ class Coordinator:
         """The agent unloaded its previous model (within the same step) and loaded this one. A late result is
         still the truth about what the agent holds."""
         inflight = self._take_inflight(msg.step_id, msg, fx)
-        self._chat_model, self._chat_bytes = msg.model, msg.vram_bytes
+        context = inflight.chat_context if inflight is not None else 0
+        self._last_change_at = now
+        self._measured_step_done(msg.step_id, now)
+        # What it holds: a measurement of this model at this context if there is one, else what the agent counted.
+        self._chat_context = context
+        self._chat_model = msg.model
+        self._chat_bytes = self._learned.get(footprint_key(msg.model, context), msg.vram_bytes)
         if self._gpu() and msg.vram_bytes > 0:
             self._allocated(inflight.sent_at if inflight else now, now, msg.vram_bytes)
         fx.append(Log("chat.loaded", {"model": msg.model, "vram_bytes": msg.vram_bytes, "load_s": msg.load_s,
@@ -636,11 +738,12 @@ class Coordinator:
             return
         fx.append(Log("chat.unloaded", {"model": msg.model, "freed_bytes": self._chat_bytes, "step_id": msg.step_id,
                                         "reason": reason}))
+        self._last_change_at = now
         self._chat_model, self._chat_bytes = None, 0
 
     def _on_vram_recovered(self, msg: VramRecovered, sender: object, now: float, fx: list[Effect]) -> None:
         inflight = self._take_inflight(msg.step_id, msg, fx)
-        self._apply_snapshot(msg.snapshot)
+        self._take_reading(msg.snapshot, fx)
         if inflight is None:
             return
         self._unconfirmed = None
@@ -660,6 +763,11 @@ class Coordinator:
         self._unconfirmed = inflight.prev_unconfirmed
         fx.append(Log("step.failed", {"step": inflight.step.description, "reason": failure.reason.value,
                                       "message": failure.message}))
+        self._drop_measure(inflight.step_id, f"the step failed: {failure.reason.value}", fx)
+        if failure.reason.value in OOM_REASONS and kind in (LOAD_VLM, CHAT_LOAD):
+            # Ollama answers an OOM beside other models by evicting all of them (O10, O11): the VLM may be gone.
+            fx.append(Log("vlm.reobserve", {"reason": "out_of_memory", "step": inflight.step.description}))
+            fx.append(ReobserveVlm())
         if kind in (CONFIRM_FREE, READ_VRAM):
             self._unconfirmed = None  # the sampler cannot read: go on with the last reading (freed bytes not counted)
             return
@@ -788,13 +896,19 @@ class Coordinator:
             unconfirmed_bytes=unconfirmed,
             unconfirmed_vlm=unconfirmed_vlm,
             down={p: r for p, r in self._health.items() if p in ("vlm", "clip")},
-            retry_wait={k: why for k, (until, why) in self._retry_after.items() if now < until},
+            retry_wait=self._retry_wait(now),
             chat_model=chat_model,
             chat_bytes=chat_bytes,
             vlm_idle=self._vlm_idle(),
             chat_min_bytes=self.settings.chat_min_bytes,
             chat_leaves_room=self.settings.chat_leaves_room,
         )
+
+    def _retry_wait(self, now: float) -> dict[str, str]:
+        wait = {k: why for k, (until, why) in self._retry_after.items() if now < until}
+        if now < self._evicted_until and self._evicted_note:
+            wait[LOAD_VLM] = self._evicted_note
+        return wait
 
     def _unconfirmed_shown(self) -> int:
         """Freed bytes waiting for confirmation that the last reading already shows as free (a ResourceChanged while
@@ -867,6 +981,14 @@ class Coordinator:
                                    self.settings.recovery_timeout_s)
         if step.kind in (CONFIRM_FREE, READ_VRAM):
             timeout = self.settings.recovery_timeout_s + min(timeout, 60.0)
+        else:
+            self._step_begins(now)
+        if step.kind == LOAD_VLM:
+            self._start_measure("vlm", self.settings.vlm_model, self.settings.num_ctx, self.settings.vlm_declared_bytes,
+                                step_id, fx)
+        elif step.kind == MOVE_CLIP_GPU and self._clip_placement != "gpu":
+            declared = max(self.settings.clip_declared_bytes, self._clip_reported)
+            self._start_measure("clip", self._clip_model or "clip", 0, declared, step_id, fx)
         self._inflight = _InFlight(step, step_id, message, now, now + timeout, prev_unconfirmed, prev_state)
         if step.kind in ALLOCATING_KINDS and self._vram_short is not None:
             self._set_vram_short(None, now, fx)
@@ -941,10 +1063,15 @@ class Coordinator:
         else:
             nbytes = req.needed_bytes if self._gpu() else 0
             step = PlannedStep(CHAT_LOAD, f"load chat {req.model}", nbytes, "chat")
+        self._step_begins(now)
+        if not req.unload and self._chat_model is None:  # a switch unloads first: its change is not the load's alone
+            declared = self.settings.chat_declared_bytes.get(req.model, req.needed_bytes)
+            self._start_measure("chat", req.model, req.context_length, declared, step_id, fx)
         # Without a GPU there is no VRAM limit: the grant is what was asked.
         message = ChatGrant(req.request_id, step_id, req.needed_bytes if grantable is None else grantable)
         self._inflight = _InFlight(step, step_id, message, now, now + self.settings.step_timeout_s, prev_unconfirmed,
-                                   self._chat_model or "", chat_model=None if req.unload else req.model)
+                                   self._chat_model or "", chat_model=None if req.unload else req.model,
+                                   chat_context=req.context_length)
         fx.append(Log("chat.granted", {"step": step.description, "step_id": step_id, "request_id": req.request_id,
                                        "needed_bytes": req.needed_bytes, "grantable_bytes": grantable,
                                        "waited_s": round(now - w.since, 3)}))
@@ -1137,6 +1264,7 @@ class Coordinator:
         times = [w.deadline for w in self._waiters]
         times += [l.expires_at for l in self._leases.values()]
         times += [until for until, _ in self._retry_after.values()]
+        times.append(self._evicted_until)
         for t in (self._idle_deadline(), self._grace_until(now), self._drain_deadline()):
             if t is not None:
                 times.append(t)
@@ -1148,14 +1276,99 @@ class Coordinator:
     # --- small helpers ------------------------------------------------------------------------------------------------
 
     @property
-    def _vlm_fp(self) -> int:
-        return self._learned.get(self.settings.vlm_model, self.settings.vlm_declared_bytes)
+    def _vlm_key(self) -> str:
+        return footprint_key(self.settings.vlm_model, self.settings.num_ctx)
 
-    def _learn(self, nbytes: int, fx: list[Effect]) -> None:
-        if self._learned.get(self.settings.vlm_model) != nbytes:
-            self._learned[self.settings.vlm_model] = nbytes
-            fx.append(Log("vlm.footprint_learned", {"model": self.settings.vlm_model, "nbytes": nbytes}))
-            fx.append(PersistFootprint(self.settings.vlm_model, nbytes))
+    @property
+    def _vlm_fp(self) -> int:
+        return self._learned.get(self._vlm_key, self.settings.vlm_declared_bytes)
+
+    @property
+    def _clip_key(self) -> str:
+        return footprint_key(self._clip_model or "clip", 0)
+
+    @property
+    def _clip_fp(self) -> int:
+        return self._learned.get(self._clip_key, self._clip_reported or self.settings.clip_declared_bytes)
+
+    @property
+    def _chat_key(self) -> str | None:
+        return None if self._chat_model is None else footprint_key(self._chat_model, self._chat_context)
+
+    def _measured(self, key: str) -> bool:
+        """Shown as measured: learned, and a GPU reading exists (without one, every footprint is the declared one)."""
+        return key in self._learned and self._gpu() is not False
+
+    def _shown_fp(self, key: str, planned: int) -> int:
+        return planned if self._gpu() is not False else self._declared_fp(key, planned)
+
+    def _declared_fp(self, key: str, planned: int) -> int:
+        if key == self._vlm_key:
+            return self.settings.vlm_declared_bytes
+        if key == self._clip_key:
+            return self._clip_reported or self.settings.clip_declared_bytes
+        return planned
+
+    # --- measured footprints (mai.core.footprints) -------------------------------------------------------------------
+
+    def _start_measure(self, part: str, model: str, context: int, declared: int, step_id: str,
+                       fx: list[Effect]) -> None:
+        """Keep the reading before this load if it is exact: a GPU reading taken after Mai's last VRAM change was
+        reported done, with nothing Mai allocated or freed still waiting to show in it."""
+        snap, self._measure = self._snapshot, None
+        why = None
+        if snap is None or not snap.gpu_present or self._gpu() is not True:
+            why = "no GPU reading"
+        elif self._allocs or self._unconfirmed is not None or snap.taken_at < self._last_change_at:
+            why = "the last reading does not show all of Mai's earlier changes yet"
+        if why is not None:
+            fx.append(Log("footprint.not_measured", {"part": part, "model": model, "reason": why}))
+            return
+        self._measure = _Measure(part, model, context, declared, step_id, snap)
+
+    def _step_begins(self, now: float) -> None:
+        """Mai changes VRAM again: a reading from now on no longer shows the measured load alone."""
+        m = self._measure
+        if m is not None and m.completed_at is not None and m.next_step_at is None:
+            m.next_step_at = now
+
+    def _measured_step_done(self, step_id: str, now: float) -> None:
+        if self._measure is not None and self._measure.step_id == step_id:
+            self._measure.completed_at = now
+
+    def _drop_measure(self, step_id: str, why: str, fx: list[Effect]) -> None:
+        m = self._measure
+        if m is not None and m.step_id == step_id:
+            self._measure = None
+            fx.append(Log("footprint.not_measured", {"part": m.part, "model": m.model, "reason": why}))
+
+    def _take_reading(self, snapshot: VramSnapshot, fx: list[Effect]) -> None:
+        self._apply_snapshot(snapshot)
+        m = self._measure
+        if m is None or m.completed_at is None or snapshot.taken_at < m.completed_at:
+            return  # nothing measured, or a reading from before the load was done
+        self._measure = None
+        if m.next_step_at is not None and snapshot.taken_at > m.next_step_at:
+            fx.append(Log("footprint.not_measured", {"part": m.part, "model": m.model,
+                                                     "reason": "Mai's next step began before a reading came"}))
+            return
+        verdict = judge_delta(m.before, snapshot, m.declared_bytes)
+        if verdict.nbytes is None:
+            fx.append(Log("footprint.rejected", {"part": m.part, "key": m.key, "reason": verdict.reason,
+                                                 "declared_bytes": m.declared_bytes}))
+            return
+        nbytes = verdict.nbytes
+        if self._chat_model == m.model and m.part == "chat":
+            self._chat_bytes = nbytes
+        if self._learned.get(m.key) == nbytes:
+            return
+        self._learned[m.key] = nbytes
+        fx.append(Log("footprint.measured", {"part": m.part, "key": m.key, "nbytes": nbytes,
+                                             "declared_bytes": m.declared_bytes, "reason": verdict.reason}))
+        fx.append(PersistFootprint(m.key, nbytes))
+        event = FootprintMeasured(m.part, m.model, m.context_length, nbytes, at=snapshot.taken_at)
+        if m.part == "chat":
+            fx.append(Tell("chat", event))  # the agent chooses its model by footprint
 
     def _gpu(self) -> bool | None:
         """True: a GPU to plan on. False: none (a failing NVML counts as none). None: no reading yet."""
@@ -1212,10 +1425,21 @@ class Coordinator:
             return  # the GPU's own degradation is what status shows
         fx.append(Publish(Degraded("gpu", reason, at=now) if reason else Recovered("gpu", at=now)))
 
+    def _set_evicted_note(self, note: str | None, now: float, fx: list[Effect]) -> None:
+        """Reloads held back after repeated evictions show as a degraded VLM until one sticks."""
+        if note == self._evicted_note:
+            return
+        self._evicted_note = note
+        if "vlm" in self._health:
+            return  # Ollama's own unreachability is what status shows
+        fx.append(Publish(Degraded("vlm", note, at=now) if note else Recovered("vlm", at=now)))
+
     def _degraded(self) -> tuple[tuple[str, str], ...]:
         parts = dict(self._health)
         if self._vram_short and "gpu" not in parts:
             parts["gpu"] = self._vram_short
+        if self._evicted_note and "vlm" not in parts:
+            parts["vlm"] = self._evicted_note
         return tuple(sorted(parts.items()))
 
     def _lease_ended(self, lease: _Lease, now: float) -> None:

@@ -44,8 +44,10 @@ from mai.core.coordinator import (
     PersistFootprint,
     Publish,
     ReadVram,
+    ReobserveVlm,
     Reply,
     SendStep,
+    Tell,
     Tick,
     WakeAt,
 )
@@ -339,6 +341,7 @@ class SimWorld:
         self.logs: list[tuple[float, str, dict]] = []
         self.steps: list[StepRecord] = []
         self.persisted: dict[str, int] = {}
+        self.told: list[tuple[float, str, Any]] = []  # facts the core sent an actor (Tell)
         self.ticks = 0
         self._queue: list[tuple[float, int, Callable[[], None]]] = []
         self._seq = itertools.count()
@@ -423,6 +426,20 @@ class SimWorld:
             self.ledger.release(self.external, self.now)
         self.external = self.ledger.allocate("external", nbytes, self.now) if nbytes else None
         self._sample()
+        self.run_until(self.now)
+
+    def evict_vlm(self, observe_after_s: float | None = 0.0) -> None:
+        """Ollama drops the VLM on its own (another client's load, an OOM: real-servers.md O9-O11); the loader notices
+        `observe_after_s` later (None: only when asked to re-observe)."""
+        vlm = self.vlm
+        if vlm.state != "loaded":
+            return
+        alloc, vlm.alloc, vlm.size_vram_bytes = vlm.alloc, None, 0
+        vlm.set_state("unloaded", self.now)
+        if alloc is not None:
+            self._release(alloc)
+        if observe_after_s is not None:
+            self.at(self.now + observe_after_s, lambda: self.deliver(self._vlm_observation(), "vlm"))
         self.run_until(self.now)
 
     def fail_next_loads(self, count: int = 1) -> None:
@@ -655,7 +672,12 @@ class SimWorld:
         elif isinstance(effect, Log):
             self.logs.append((self.now, effect.event, dict(effect.fields)))
         elif isinstance(effect, PersistFootprint):
-            self.persisted[effect.model] = effect.nbytes
+            self.persisted[effect.key] = effect.nbytes
+        elif isinstance(effect, Tell):
+            self.told.append((self.now, effect.target, effect.message))
+        elif isinstance(effect, ReobserveVlm):
+            if self.vlm.reachable:  # the loader reads /api/ps and reports what it sees
+                self.at(self.now, lambda: self.deliver(self._vlm_observation(), "vlm"))
         elif isinstance(effect, ReadVram) and self.timings.read_s is not None:
             degraded = None if self.gpu_healthy else "NVML failed (simulated)"
             self.at(self.now + self.timings.read_s,

@@ -372,14 +372,25 @@ def test_the_measured_footprint_replaces_the_declared_one_and_is_persisted():
     w = world(vlm_true_bytes=5 * GIB)
     assert w.core.status("s", w.now).vlm.footprint_learned is False
     w.ask(EnsureVlm("e1", True), within_s=10)
-    assert w.persisted == {MODEL: 5 * GIB}
+    w.advance(0.5)  # the reading asked for after the load
+    assert w.persisted == {f"{MODEL}@8192": 5 * GIB}  # per model and context length
     status = w.core.status("s", w.now).vlm
     assert status.footprint_bytes == 5 * GIB and status.footprint_learned
 
 
 def test_learned_footprints_from_the_state_dir_are_used_from_the_start():
-    core = Coordinator(settings(), 0.0, learned_footprints={MODEL: 4 * GIB})
+    core = Coordinator(settings(), 0.0, learned_footprints={f"{MODEL}@8192": 4 * GIB})
     assert core.status("s", 0.0).vlm.footprint_bytes == 4 * GIB
+
+
+def test_old_format_footprints_are_read_but_not_planned_with():
+    """Before issue 11 the file held Ollama's size_vram under the bare name: it leaves out the runner's CUDA context
+    (real-servers.md O19), so the declared footprint stays until a load is measured."""
+    core = Coordinator(settings(), 0.0, learned_footprints={MODEL: 4 * GIB, f"{MODEL}@4096": 5 * GIB})
+    status = core.status("s", 0.0).vlm
+    assert status.footprint_bytes == 6 * GIB and not status.footprint_learned  # 8192 is configured, not 4096
+    (ignored,) = [e for e in core.handle(Tick(), None, 0.0) if isinstance(e, Log) and e.event == "footprint.ignored"]
+    assert ignored.fields["keys"] == [MODEL]
 
 
 def test_a_partial_offload_is_logged_and_not_learned():
@@ -713,8 +724,9 @@ def test_a_chat_model_leaves_the_vlm_and_clip_their_room_while_one_still_fits_be
 
 
 def test_a_chat_turn_takes_an_idle_vlms_place_when_no_chat_model_fits_beside_it():
+    # The VLM's 5 GiB were measured at an earlier load (Ollama's size_vram at start-up is no longer learned).
     w = world(settings(chat_min_bytes=SMALL.footprint_bytes), initial_mode="recording", vlm_loaded=True,
-              gpu_total_bytes=8 * GIB, external_bytes=2 * GIB)
+              gpu_total_bytes=8 * GIB, external_bytes=2 * GIB, learned_footprints={f"{MODEL}@8192": 5 * GIB})
     w.chat_turn(want=0, reply_s=5.0)
     w.advance(10)
     assert w.chat.outcomes == [(pytest.approx(w.now, abs=5), "turn-1", "replied")]
