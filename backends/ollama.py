@@ -3,8 +3,12 @@ error translated once into Mai's errors (`messages.errors`), each naming the hos
 
 Wire facts it relies on are in `shared/reference/ollama.md`: a load is an empty generate with keep_alive -1, an
 unload is keep_alive 0 and is only done when the model has left /api/ps (§2, §6), and the load options must be
-identical on every request or Ollama silently reloads the model (§5). One attempt per call and a timeout on
-every call: retries and backoff are the actor core's decisions, not this adapter's.
+identical on every request or Ollama silently reloads the model (§5). Facts read in the real server's source are in
+`shared/reference/real-servers.md` §1: names are matched as Ollama resolves them, or by digest (O1, O2); a load is
+silent until done, so its read timeout is at least Ollama's own load limit (O3, O4); an unload that another client
+cancels is noticed (O6) and one of a removed model is reported as stuck (O8); every OOM text is named as such (O14).
+One attempt per call and a timeout on every call: retries and backoff are the actor core's decisions, not this
+adapter's.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ import httpx
 import ollama
 import pydantic
 
-from messages.chat import ChatMessage
+from messages.chat import ChatMessage, FragmentKind, ReplyFragment
+from config.ollama_names import parse_ollama_name, same_ollama_model
 from messages.errors import (
     BackendUnavailable,
     Busy,
@@ -32,21 +37,48 @@ from messages.errors import (
     OperationTimeout,
     OutOfMemory,
     PredictionFailed,
+    Reason,
 )
 
-# How Ollama's runner reports an OOM (llm/status.go; older servers: "requires more system memory").
-OOM_MARKERS = ("out of memory", "cudamalloc failed", "failed to allocate", "requires more system memory")
+# Ollama's own OOM test, lower-cased (`ollama/ollama@fb30760:llm/status.go:85-96`), plus the cuBLAS and cuDNN
+# allocation failures that say nothing of memory (CUBLAS_STATUS_ALLOC_FAILED, CUDNN_STATUS_ALLOC_FAILED,
+# CUDNN_STATUS_NOT_ENOUGH_WORKSPACE; real-servers.md T6) and older servers' "requires more system memory".
+OOM_MARKERS = (
+    "out of memory",
+    "out of device memory",
+    "cudamalloc failed",
+    "hipmalloc failed",
+    "failed to allocate",
+    "allocation failed",
+    "not enough memory",
+    "insufficient memory",
+    "vk_error_out_of_device_memory",
+    "erroroutofmemory",
+    "status_alloc_failed",
+    "cudnn_status_not_enough_workspace",
+    "requires more system memory",
+)
+REVIVED_MARGIN_S = 1.0  # expires_at this far past our clock counts as revived, not as the server's clock skew
+UNLOAD_RESENDS = 3  # keep_alive 0 sent again this often when another client's keep_alive revives the model (O6)
+
+
+def is_out_of_memory(text: str) -> bool:
+    """Whether an error text from Ollama (a 500 body, a mid-stream error line) reports running out of memory."""
+    lowered = text.lower()
+    return any(marker in lowered for marker in OOM_MARKERS)
 
 
 @dataclass(frozen=True)
 class OllamaModelState:
-    """One row of /api/ps. `expires_at` in the past means the model is stopping (or busy, see ollama.md §2)."""
+    """One row of /api/ps. `expires_at` in the past means the model is stopping (or busy, see ollama.md §2).
+    `name` is the shortest form of the first loader's name; `digest` names the model's manifest (O1, O2)."""
 
     name: str
     size_bytes: int
     size_vram_bytes: int
     expires_at: datetime | None
     context_length: int | None
+    digest: str = ""
 
     @property
     def partial_offload(self) -> bool:
@@ -72,7 +104,10 @@ class OllamaAdapter:
 
     Two clients with different read timeouts: short calls (ps, tags, show, unload) use `request_timeout_s`;
     loads and chats use `load_timeout_s`, since a chat can (re)load the model and a VLM's image prompt is slow.
-    Connecting always uses `request_timeout_s`, so a dead server is noticed quickly.
+    Ollama writes nothing until a load is done and aborts the load when its client hangs up (O3, O4), so
+    `load_timeout_s` must be at least Ollama's own load limit (OLLAMA_LOAD_TIMEOUT, 300 s by default). Connecting
+    always uses `request_timeout_s`, and a load first asks /api/version, so a dead or wedged server is noticed
+    quickly.
     """
 
     def __init__(
@@ -81,7 +116,7 @@ class OllamaAdapter:
         *,
         num_ctx: int,
         request_timeout_s: float = 5.0,
-        load_timeout_s: float = 120.0,
+        load_timeout_s: float = 300.0,
         extra_options: Mapping[str, object] | None = None,
     ) -> None:
         if not isinstance(num_ctx, int) or isinstance(num_ctx, bool) or num_ctx <= 0:
@@ -125,12 +160,27 @@ class OllamaAdapter:
                 size_vram_bytes=int(row.size_vram or 0),
                 expires_at=row.expires_at,
                 context_length=row.context_length,
+                digest=row.digest or "",
             )
             for row in rows
         ]
 
     def state_of(self, model: str) -> OllamaModelState | None:
-        return next((s for s in self.loaded() if _same_model(s.name, model)), None)
+        """The /api/ps row of `model` in any spelling Ollama accepts: by name as Ollama resolves it, else by the
+        digest /api/tags gives it (a runner shared with an alias is listed under the first loader's name, O2).
+        /api/tags is asked only when some row is listed under another name."""
+        rows = self.loaded()
+        named = next((s for s in rows if same_ollama_model(s.name, model)), None)
+        if named is not None or not rows:
+            return named
+        digest = self.digest_of(model)
+        return next((s for s in rows if digest and s.digest == digest), None)
+
+    def digest_of(self, model: str) -> str | None:
+        """The digest /api/tags lists for `model`, or None if it is not installed."""
+        with self._translated("tags", None, self.request_timeout_s):
+            rows = self._short.list().models
+        return next((m.digest for m in rows if m.model and same_ollama_model(m.model, model)), None)
 
     def installed(self) -> list[str]:
         with self._translated("tags", None, self.request_timeout_s):
@@ -151,8 +201,13 @@ class OllamaAdapter:
     # -- lifecycle ----------------------------------------------------------------------------------------------
 
     def load(self, model: str) -> OllamaModelState:
-        """Load `model` pinned (keep_alive -1) with `load_options`; return its /api/ps row once it is listed."""
+        """Load `model` pinned (keep_alive -1) with `load_options`; return its /api/ps row once it is listed.
+
+        Always sent, even when a row carries the name: on a matching runner it returns at once and re-pins it, on
+        one with other options it reloads (O17). /api/version first: a wedged server fails within
+        `request_timeout_s` instead of holding the load's long read timeout."""
         _check_model(model)
+        self.version()
         with self._translated("load", model, self.load_timeout_s):
             self._long.generate(model=model, keep_alive=-1, options=self.load_options)
         state = self.state_of(model)
@@ -165,27 +220,55 @@ class OllamaAdapter:
 
     def unload(self, model: str, *, wait_gone_s: float = 30.0, poll_s: float = 0.01, poll_max_s: float = 0.1) -> float:
         """Ask Ollama to unload `model`, then wait until /api/ps no longer lists it (the reply comes first, the
-        runner goes later). Returns the seconds waited. Unloading a model that is not loaded is fine.
+        runner goes later, after the requests in flight: O5). Returns the seconds waited. Unloading a model that is
+        not loaded is fine.
 
-        The poll starts at `poll_s` and doubles up to `poll_max_s`: the runner is often gone within milliseconds, and
-        a fixed 100 ms poll added up to 100 ms to every switch into AUTOPILOT (bench/mode_switch.py)."""
+        The poll watches `expires_at` (O6): a later request carrying keep_alive, from another client, cancels the
+        unload and moves it back into the future. Then keep_alive 0 is sent again, at most `UNLOAD_RESENDS` times,
+        and after that the unload fails at once as Busy, saying another client keeps the model loaded. A 404 for
+        a model still listed is an `ollama rm` while loaded: it stays until Ollama restarts (O8), reported at once.
+        The poll starts at `poll_s` and doubles up to `poll_max_s`: the runner is often gone within milliseconds."""
         _check_model(model)
         started = time.monotonic()
-        try:
-            with self._translated("unload", model, self.request_timeout_s):
-                self._short.generate(model=model, keep_alive=0)
-        except ModelNotFound:
-            pass  # not installed, so not loaded either: /api/ps below confirms
         deadline = started + wait_gone_s
-        while self.state_of(model) is not None:
+        resends = 0
+        self._send_unload(model)
+        while (state := self.state_of(model)) is not None:
+            if _pinned_in_future(state.expires_at):
+                if resends >= UNLOAD_RESENDS:
+                    raise Busy(
+                        f"Ollama at {self.host} keeps model '{model}' loaded: another client's request carrying "
+                        f"keep_alive cancelled Mai's unload {resends + 1} times (its expires_at is "
+                        f"{state.expires_at.isoformat()}); stop that client's keep_alive or unload it there",
+                        details={"host": self.host, "model": model, "op": "unload", "resends": resends,
+                                 "expires_at": state.expires_at.isoformat()},
+                    )
+                resends += 1
+                self._send_unload(model)
+                continue
             if time.monotonic() >= deadline:
                 raise OperationTimeout(
-                    f"Ollama at {self.host} still lists model '{model}' in /api/ps {wait_gone_s:g}s after unloading",
+                    f"Ollama at {self.host} still lists model '{model}' in /api/ps {wait_gone_s:g}s after unloading "
+                    "(requests still in flight on it finish first)",
                     details={"host": self.host, "model": model, "op": "unload", "timeout_s": wait_gone_s},
                 )
             time.sleep(poll_s)
             poll_s = min(poll_s * 2, poll_max_s)
         return time.monotonic() - started
+
+    def _send_unload(self, model: str) -> None:
+        try:
+            with self._translated("unload", model, self.request_timeout_s):
+                self._short.generate(model=model, keep_alive=0)
+        except ModelNotFound as err:
+            listed = self.state_of(model)
+            if listed is None:
+                return  # not installed, so not loaded either
+            raise ModelNotFound(
+                f"Ollama at {self.host} lists model '{model}' in /api/ps (as '{listed.name}') but answers 404 to "
+                "its unload: it was removed while loaded (ollama rm) and stays stuck in VRAM until Ollama restarts",
+                details={**err.details, "stuck": True, "listed_as": listed.name},
+            ) from err
 
     # -- inference ----------------------------------------------------------------------------------------------
 
@@ -196,14 +279,23 @@ class OllamaAdapter:
         *,
         images: Sequence[bytes | str] | None = None,
         keep_alive: float | str = -1,
-    ) -> Iterator[str]:
-        """Stream the assistant's reply to `messages` as content fragments. `images` (raw bytes, or base64
-        strings) go with the last user message. Errors, mid-stream ones included, arrive as Mai errors."""
+        think: bool | None = None,
+    ) -> Iterator[ReplyFragment]:
+        """Stream the assistant's reply to `messages` as fragments: `message.thinking` tagged REASONING, `content`
+        tagged CONTENT. `images` (raw bytes, or base64 strings) go with the last user message. Errors, mid-stream
+        ones included, arrive as Mai errors.
+
+        `think` None sends no `think`: a thinking-capable model then thinks anyway (on by default), and a model
+        without the capability would answer `think: true` with 400 (real-servers.md O15). So only a caller that
+        knows the model thinks (`show().capabilities`) passes True; the thinking is surfaced either way."""
         _check_model(model)
+        if think is not None and not isinstance(think, bool):
+            raise InvalidRequest(f"chat think must be True, False or None (not sent), got {think!r}",
+                                 details={"host": self.host, "model": model, "field": "think"})
         wire = _wire_messages(messages, images)
         try:  # builds the body now (images are encoded here); the HTTP request starts with the first chunk
             stream = self._long.chat(
-                model=model, messages=wire, stream=True, options=self.load_options, keep_alive=keep_alive
+                model=model, messages=wire, stream=True, options=self.load_options, keep_alive=keep_alive, think=think
             )
         except ValueError as exc:  # e.g. an image string that is neither base64 nor an existing file
             raise InvalidRequest(
@@ -211,12 +303,15 @@ class OllamaAdapter:
             ) from exc
         return self._fragments(model, stream)
 
-    def _fragments(self, model: str, stream: Iterator[ollama.ChatResponse]) -> Iterator[str]:
+    def _fragments(self, model: str, stream: Iterator[ollama.ChatResponse]) -> Iterator[ReplyFragment]:
         with self._translated("chat", model, self.load_timeout_s):
             try:
                 for chunk in stream:
-                    if chunk.message and chunk.message.content:
-                        yield chunk.message.content
+                    message = chunk.message
+                    if message and message.thinking:
+                        yield ReplyFragment(message.thinking, FragmentKind.REASONING)
+                    if message and message.content:
+                        yield ReplyFragment(message.content)
             finally:
                 stream.close()  # also when the caller stops early: closes the HTTP response
 
@@ -275,8 +370,8 @@ class OllamaAdapter:
         message = f"Ollama at {self.host} refused the {what}: {text} (HTTP {status})"
         if status == -1:
             message = f"Ollama at {self.host} failed during the {what}: {text}"
-        if any(marker in text.lower() for marker in OOM_MARKERS) and (status >= 500 or status == -1):
-            return OutOfMemory(message, details=details)
+        if is_out_of_memory(text) and (status >= 500 or status == -1):
+            return OutOfMemory(message, reason=Reason.INSUFFICIENT_VRAM, details=details)
         if status == 404:  # without a model (e.g. /api/version) a 404 means this is not an Ollama server
             missing = ModelNotFound if details["model"] else BackendUnavailable
             return missing(message, details=details)
@@ -299,16 +394,15 @@ def _failure_class(op: str) -> type[MaiError]:
 
 
 def _check_model(model: str) -> None:
-    if not isinstance(model, str) or not model.strip():
-        raise InvalidRequest(f"Ollama model name must be a non-empty string, got {model!r}")
+    parse_ollama_name(model)  # InvalidRequest naming what is wrong and what is accepted
 
 
-def _same_model(listed: str, wanted: str) -> bool:
-    """Ollama adds ":latest" to a name without a tag."""
-    def canonical(name: str) -> str:
-        return name if ":" in name else name + ":latest"
-
-    return canonical(listed) == canonical(wanted)
+def _pinned_in_future(expires_at: datetime | None) -> bool:
+    """expires_at after now: the model was (re)pinned. A stopping model shows now or earlier."""
+    if expires_at is None:
+        return False
+    now = datetime.now(expires_at.tzinfo) if expires_at.tzinfo else datetime.now()
+    return (expires_at - now).total_seconds() > REVIVED_MARGIN_S
 
 
 def _wire_messages(messages: Sequence[ChatMessage], images: Sequence[bytes | str] | None) -> list[dict[str, object]]:

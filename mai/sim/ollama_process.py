@@ -101,7 +101,8 @@ class OllamaDouble:
 
     def log(self) -> list[dict[str, Any]]:
         """Every request (kind "request": method, path, body, status, fault) and scheduler event (kind "load",
-        "reload", "evict", "expire", "unloaded", "oom"), in order."""
+        "reload", "evict", "evict_all", "expire", "expire_all", "unloaded", "oom", "load_aborted", "removed"), in
+        order."""
         return self._call("GET", "/_double/log")["entries"]
 
     def requests(self, path: str | None = None) -> list[dict[str, Any]]:
@@ -116,6 +117,10 @@ class OllamaDouble:
 
     def state(self) -> dict[str, Any]:
         return self._call("GET", "/_double/state")
+
+    def remove(self, model: str) -> None:
+        """`ollama rm MODEL`: gone from /api/tags; if it is loaded, its runner stays listed (O8)."""
+        self._call("POST", "/_double/remove", {"model": model})
 
     def reset(self) -> None:
         """Unload everything at once, clear the log and the config; clear the ledger's record too."""

@@ -4,15 +4,31 @@
                                     [--load-time-s X] [--unload-delay-s X] [--vram-mb N]
 
 It serves Ollama's routes with the bodies, status codes and NDJSON framing of `shared/reference/ollama.md`
-(§1-§4, §11) and imitates the parts of Ollama's scheduler that Mai depends on: one load at a time, reload when the
-load options change, keep_alive timers, eviction shortest-keep_alive-first, partial offload of a lone model, an
-unload that answers before the model leaves /api/ps, a load aborted when its client disconnects (§6). VRAM comes from
-the shared `GpuLedger` (`--ledger`), so the simulated GPU is the same one Mai's other simulated users see; without one
-a private ledger of `--vram-mb` is used.
+(§1-§4, §11) and imitates the parts of Ollama's scheduler that Mai depends on, as read in `ollama/ollama@fb30760`
+(`shared/reference/real-servers.md` §1):
+- names resolve case-insensitively with the default host, namespace and tag; /api/ps and /api/tags print the
+  shortest form and carry `digest` (`types/model/name.go:146-249`, `server/routes.go:1222-1245, 2271-2290`);
+- runners are keyed by model file, so tags aliasing one model share one runner listed under the first loader's
+  name, while replies echo `model` as sent (`server/sched.go:107-127, 196-203`; `server/routes.go:403-415, 476-486`);
+- a load writes nothing until it is done, is not listed in /api/ps meanwhile, and is aborted when its client
+  disconnects (`server/routes.go:476-486`; `server/sched.go:627, 700-735, 1745-1765`; `llm/llama_server.go:1296-1302`);
+- keep_alive 0 expires a runner at once (`server/sched.go:1713-1731`); one still serving requests stays, and a later
+  request carrying keep_alive revives it (`useLoadedRunner`, `server/sched.go:367-410, 475-492`);
+- a second model loads only if it fits in 80 % of free memory, else the shortest keep_alive goes first
+  (`server/sched.go:544-561, 1663-1693`); a load OOM beside other models evicts them all and retries once
+  (`server/sched.go:316-326, 665-669`); a runtime OOM expires every runner (`server/sched.go:1632-1661`, called at
+  `server/routes.go:736`); a lone model that does not fit is partially offloaded;
+- OOM texts vary among real llama-server texts, all matching `llm/status.go:85-96`;
+- a request without num_ctx gets the VRAM-tiered default (`server/routes.go:2043-2057`), capped at the training
+  context (`server/sched.go:161-167`), and the default keep_alive 5m;
+- thinking-capable models stream `thinking` before the content unless `think` is false; `think` true on another
+  model is 400 `"X" does not support thinking` (`server/routes.go:453-464, 2615-2632`).
+VRAM comes from the shared `GpuLedger` (`--ledger`), so the simulated GPU is the same one Mai's other simulated users
+see; without one a private ledger of `--vram-mb` is used.
 
 Chat replies are derived from the whole request (see `chat_reply`) so tests can prove which context reached the
-model. Routes under `/_double/` are not Ollama's: they expose the request log, runtime configuration and fault
-injection (oom, busy, error500, notfound, midstream, drop, hang) for tests.
+model. Routes under `/_double/` are not Ollama's: they expose the request log, runtime configuration, fault
+injection (oom, busy, error500, notfound, midstream, drop, hang) and `ollama rm` of a loaded model, for tests.
 """
 
 from __future__ import annotations
@@ -40,8 +56,9 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
+from config.ollama_names import parse_ollama_name
 from mai.sim.gpu_ledger import GpuLedger
-from messages.errors import OutOfMemory
+from messages.errors import InvalidRequest, OutOfMemory
 
 VERSION = "0.33.0"
 MiB = 1024 * 1024
@@ -53,11 +70,26 @@ FOREVER_S = math.inf
 FOREVER_SHOWN_S = 292 * 365.2425 * 86400  # expires_at of a pinned model: now + math.MaxInt64 ns (~year 2318)
 OWNER_PREFIX = "ollama:"  # ledger owner of a runner: "ollama:<model>"
 
-OOM_ERROR = "llama-server process has terminated: error loading model: cudaMalloc failed: out of memory"
+# What llama-server and its backends print when memory runs out; each contains one of llm/status.go:85-96's
+# substrings. A failed load wraps it (llm/llama_server.go:1371-1376); a runtime one ends the stream with it.
+OOM_TEXTS = (
+    "ggml_backend_cuda_buffer_type_alloc_buffer: allocating 6144.00 MiB on device 0: cudaMalloc failed: out of memory",
+    "ggml_vulkan: Device memory allocation of size 1073741824 failed. "
+    "vk::Device::allocateMemory: ErrorOutOfDeviceMemory",
+    "llama_init_from_model: failed to initialize the context: insufficient memory for the KV cache",
+    "unable to allocate CUDA0 buffer: failed to allocate buffer of size 6442450944",
+    "ggml_backend_cpu_buffer_type_alloc_buffer: not enough memory to allocate 2147483648 bytes",
+    "CUDA error: out of memory\n  current device: 0, in function ggml_backend_cuda_synchronize",
+    "hipMalloc failed: out of device memory",
+    "ggml_gallocr_reserve_n: graph buffer allocation failed",
+)
+LOAD_OOM_PREFIX = "llama-server reported out-of-memory during startup: "
+RUNTIME_ERROR_PREFIX = "an error was encountered while running the model: "
+FIT_FRACTION = 0.8  # a second model loads beside others only within 80 % of free memory (sched.go:549-550)
 RUNNER_ERROR = "llama runner process has terminated: exit status 2"
 MIDSTREAM_ERROR = "an error was encountered while running the model: unexpected EOF"
 BUSY_ERROR = "server busy, please try again.  maximum pending requests exceeded"
-FAULTS = ("oom", "busy", "error500", "notfound", "midstream", "drop", "hang")
+FAULTS = ("oom", "busy", "error500", "notfound", "midstream", "drop", "hang")  # oom: at load, or mid-reply
 
 
 # -- installed models ------------------------------------------------------------------------------------------
@@ -65,7 +97,8 @@ FAULTS = ("oom", "busy", "error500", "notfound", "midstream", "drop", "hang")
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One installed model, as `--models` describes it."""
+    """One installed model, as `--models` describes it. `name` is its shortest display form; `digest` names its
+    manifest, shared by aliases (`{"name": "vlm:latest", "alias_of": "qwen2.5vl:7b"}`, like `ollama cp`)."""
 
     name: str
     size_bytes: int
@@ -74,12 +107,22 @@ class ModelSpec:
     family: str = ""
     parameter_size: str = ""
     quantization_level: str = "Q4_K_M"
+    digest: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "name", parse_ollama_name(self.name).display_shortest())
+        if not self.digest:
+            object.__setattr__(self, "digest", hashlib.sha256(self.name.lower().encode()).hexdigest())
 
     @classmethod
-    def from_json(cls, raw: dict[str, Any]) -> ModelSpec:
-        name = raw["name"]
-        if ":" not in name:
-            name += ":latest"
+    def from_json(cls, raw: dict[str, Any], known: dict[str, ModelSpec] | None = None) -> ModelSpec:
+        name = parse_ollama_name(raw["name"]).display_shortest()
+        target = None
+        if raw.get("alias_of"):
+            target = next((m for m in (known or {}).values() if _same_name(m.name, raw["alias_of"])), None)
+            if target is None:
+                raise ValueError(f"{name}: alias_of {raw['alias_of']!r} is not listed before it")
+            return replace(target, name=name)
         return cls(
             name=name,
             size_bytes=int(raw["size_bytes"]),
@@ -89,10 +132,6 @@ class ModelSpec:
             parameter_size=raw.get("parameter_size", ""),
             quantization_level=raw.get("quantization_level", "Q4_K_M"),
         )
-
-    @property
-    def digest(self) -> str:
-        return hashlib.sha256(self.name.encode()).hexdigest()
 
     def details(self) -> dict[str, Any]:
         return {
@@ -105,11 +144,16 @@ class ModelSpec:
         }
 
 
+def _same_name(a: str, b: str) -> bool:
+    return parse_ollama_name(a).key() == parse_ollama_name(b).key()
+
+
 DEFAULT_MODELS = (
     ModelSpec("qwen2.5vl:7b", 6 * GiB, ("completion", "vision"), 128000, "qwen25vl", "8.3B"),
     ModelSpec("llama3.2:3b", 3400 * MiB, ("completion", "tools"), 131072, "llama", "3.2B"),
     ModelSpec("qwen2.5:0.5b", 800 * MiB, ("completion", "tools"), 32768, "qwen2", "494.03M"),
     ModelSpec("nomic-embed-text:latest", 300 * MiB, ("embedding",), 2048, "nomic-bert", "137M", "F16"),
+    ModelSpec("qwen3:0.6b", 520 * MiB, ("completion", "tools", "thinking"), 40960, "qwen3", "751.63M"),
 )
 
 
@@ -118,7 +162,11 @@ def load_models(arg: str | None) -> tuple[ModelSpec, ...]:
     if not arg:
         return DEFAULT_MODELS
     text = arg if arg.lstrip().startswith("[") else Path(arg).read_text()
-    return tuple(ModelSpec.from_json(item) for item in json.loads(text))
+    known: dict[str, ModelSpec] = {}
+    for item in json.loads(text):
+        spec = ModelSpec.from_json(item, known)
+        known[spec.name] = spec
+    return tuple(known.values())
 
 
 # -- runtime configuration (startup flags, changed by POST /_double/config) ------------------------------------
@@ -131,7 +179,7 @@ class DoubleConfig:
     vram_release_lag_s: float = 0.0  # VRAM comes back this long after the model left /api/ps
     token_delay_s: float = 0.005  # between streamed chunks
     default_keep_alive_s: float = 300.0  # OLLAMA_KEEP_ALIVE
-    default_num_ctx: int = 4096  # used when a request sends no num_ctx
+    default_num_ctx: int | None = None  # a request without num_ctx gets this; None: Ollama's VRAM-tiered default
     min_vram_fraction: float = 0.25  # a lone model that cannot get this share of its size on the GPU is an OOM
     max_loaded_models: int = 3  # OLLAMA_MAX_LOADED_MODELS default: 3 x one GPU
     fail_next: str | None = None  # a fault from FAULTS for the next `fail_count` requests on `fail_paths`
@@ -251,6 +299,11 @@ def generate_reply(model: str, prompt: str, images: list[str]) -> str:
     return text
 
 
+def thinking_reply(model: str, asked: str) -> str:
+    """The reasoning a thinking model streams before its answer (O15): it names the model and what was asked."""
+    return f"[{model}] thinking about: {_short(asked)}"
+
+
 def split_chunks(text: str) -> list[str]:
     """Word-sized pieces that join back to `text`, streamed one per line."""
     return re.findall(r"\S+\s*|\s+", text)
@@ -305,6 +358,8 @@ class SimulatedOllama:
 
     def __init__(self, models: tuple[ModelSpec, ...], config: DoubleConfig, ledger: GpuLedger) -> None:
         self.models = {m.name: m for m in models}
+        self._initial_models = dict(self.models)
+        self._oom_count = 0  # picks the next of OOM_TEXTS: the texts vary as the real ones do
         self.ledger = ledger
         self._initial_config = config
         self.config = config
@@ -361,29 +416,57 @@ class SimulatedOllama:
         return not interrupted
 
     def resolve(self, name: Any) -> ModelSpec:
-        if not isinstance(name, str) or not name:
+        """The installed model `name` means: parsed with the defaults, compared without case (routes.go:261-296)."""
+        if not isinstance(name, str) or not name.strip():
             raise ApiError(400, "model is required")
-        spec = self.models.get(name) or (self.models.get(name + ":latest") if ":" not in name else None)
+        try:
+            wanted = parse_ollama_name(name).key()
+        except InvalidRequest:
+            raise ApiError(400, "invalid model name") from None
+        with self._cond:
+            spec = next((m for m in self.models.values() if parse_ollama_name(m.name).key() == wanted), None)
         if spec is None:
             raise ApiError(404, f"model '{name}' not found")
         return spec
+
+    def remove_model(self, name: str) -> None:
+        """`ollama rm` while it is loaded: gone from /api/tags, its runner stays listed (ollama/ollama#4443)."""
+        spec = self.resolve(name)
+        with self._cond:
+            del self.models[spec.name]
+        self.log_event("removed", model=spec.name)
+
+    def default_num_ctx(self) -> int:
+        """OLLAMA_CONTEXT_LENGTH unset: 4k below 23 GiB of VRAM, 32k below 47 GiB, 256k above (routes.go:2043-2057)."""
+        if self.config.default_num_ctx is not None:
+            return self.config.default_num_ctx
+        total = self.ledger.snapshot().total_bytes
+        return 262144 if total >= 47 * GiB else 32768 if total >= 23 * GiB else 4096
 
     def load_options(self, options: Any) -> dict[str, Any]:
         if options is None:
             options = {}
         if not isinstance(options, dict):
             raise ApiError(400, "json: cannot unmarshal options into Go struct field of type map[string]interface {}")
-        effective: dict[str, Any] = {"num_ctx": self.config.default_num_ctx}
+        effective: dict[str, Any] = {"num_ctx": self.default_num_ctx()}
         effective.update({k: v for k, v in options.items() if k in LOAD_OPTION_KEYS})
         return effective
+
+    def next_oom_text(self) -> str:
+        with self._cond:
+            self._oom_count += 1
+            return OOM_TEXTS[(self._oom_count - 1) % len(OOM_TEXTS)]
 
     # -- requests using a runner -------------------------------------------------------------------------------
 
     def acquire(self, spec: ModelSpec, options: dict[str, Any], keep_alive_s: float | None,
-                client_gone: Callable[[], bool] | None = None) -> tuple[Runner, float]:
+                client_gone: Callable[[], bool] | None = None, *, inject_oom: bool = False) -> tuple[Runner, float]:
         """A ready runner for `spec` with these load options, its reference taken; loads (evicting or reloading
         first) when needed. Returns the runner and the seconds spent loading. A load whose client is gone
-        (`client_gone()`) is aborted, as Ollama does."""
+        (`client_gone()`) is aborted, as Ollama does. `inject_oom`: the load's first try runs out of memory.
+
+        A load that runs out of memory while other models are loaded evicts them all and retries once
+        (sched.go:316-326, 665-669); otherwise the OOM is a 500."""
         while True:
             with self._cond:
                 runner = self._usable(spec, options, keep_alive_s)
@@ -393,19 +476,35 @@ class SimulatedOllama:
                 with self._cond:
                     if self._usable(spec, options, keep_alive_s, peek=True):
                         continue  # someone else loaded it while we waited for the GPU
-                    current = self._runners.get(spec.name)
+                    current = self._runners.get(spec.digest)
                 if current is not None:
                     if current.state == "ready":  # loaded with other options: Ollama silently reloads
                         self.log_event("reload", model=spec.name, old_options=current.options, new_options=options)
                     self._unload_locked(current, wait_vram=True)
                 started = time.monotonic()
-                runner = self._load_locked(spec, options, keep_alive_s, client_gone)
-                return runner, time.monotonic() - started
+                for attempt in (1, 2):
+                    try:
+                        runner = self._load_locked(spec, options, keep_alive_s, client_gone,
+                                                   inject_oom=inject_oom and attempt == 1)
+                        return runner, time.monotonic() - started
+                    except _LoadOutOfMemory as oom:
+                        with self._cond:
+                            others = [r for r in self._runners.values() if r.spec.digest != spec.digest]
+                        if attempt == 2 or not others:
+                            raise ApiError(500, LOAD_OOM_PREFIX + oom.text) from None
+                        self.log_event("evict_all", for_model=spec.name, reason="load_oom",
+                                       models=[r.spec.name for r in others])
+                        for victim in others:
+                            self._unload_locked(victim, wait_vram=True)
+                raise AssertionError("unreachable")
 
     def _usable(
         self, spec: ModelSpec, options: dict[str, Any], keep_alive_s: float | None, *, peek: bool = False
     ) -> Runner | None:
-        runner = self._runners.get(spec.name)
+        """useLoadedRunner (sched.go:475-492): a ready runner with the same options serves, even one expired by
+        keep_alive 0 that still has requests; a request carrying keep_alive sets its duration (and so revives
+        it), one without leaves it as it is."""
+        runner = self._runners.get(spec.digest)
         if runner is None or runner.state != "ready" or runner.options != options:
             return None
         if not peek:
@@ -415,6 +514,7 @@ class SimulatedOllama:
         return runner
 
     def release(self, runner: Runner) -> None:
+        """The last request done: the idle timer starts (keep_alive 0 expires it at once, via the expire loop)."""
         with self._cond:
             runner.refs -= 1
             if runner.refs == 0 and runner.state == "ready":
@@ -422,21 +522,39 @@ class SimulatedOllama:
             self._cond.notify_all()
 
     def request_unload(self, spec: ModelSpec) -> None:
-        """keep_alive 0 with nothing to run: expire now; in-flight requests finish first; the reply does not wait."""
+        """keep_alive 0 with nothing to run (expireRunner, sched.go:1713-1731): expires_at is now and the duration
+        0; an idle runner goes at once, a busy one when its requests are done, unless a later request carrying
+        keep_alive revives it first. A model still loading is not in the loaded set yet: a no-op."""
         with self._cond:
-            runner = self._runners.get(spec.name)
-            if runner is None or runner.state == "stopping":
+            runner = self._runners.get(spec.digest)
+            if runner is None or runner.state != "ready":
                 return
-            runner.keep_alive_s = 0.0
-            if runner.state == "loading":
-                return  # expires (keep_alive 0) as soon as its load request releases it
-            runner.state, runner.expires_at = "stopping", time.time()
+            runner.keep_alive_s, runner.expires_at = 0.0, time.time()
+            if runner.refs > 0:
+                return
+            runner.state = "stopping"
         self._unload_in_background(runner)
+
+    def expire_all_for_runtime_oom(self) -> None:
+        """expireRunnersForRuntimeOOM (sched.go:1632-1661): every runner's duration becomes 0; idle ones go now,
+        busy ones when their requests end (or a keep_alive revives them); expires_at is left as it was."""
+        with self._cond:
+            idle = []
+            for runner in self._runners.values():
+                if runner.state != "ready":
+                    continue
+                runner.keep_alive_s = 0.0
+                if runner.refs == 0:
+                    runner.state = "stopping"
+                    idle.append(runner)
+        self.log_event("expire_all", reason="runtime_oom", models=[r.spec.name for r in idle])
+        for runner in idle:
+            self._unload_in_background(runner)
 
     # -- VRAM-changing work (caller holds _gpu) ---------------------------------------------------------------
 
     def _load_locked(self, spec: ModelSpec, options: dict[str, Any], keep_alive_s: float | None,
-                     client_gone: Callable[[], bool] | None = None) -> Runner:
+                     client_gone: Callable[[], bool] | None = None, *, inject_oom: bool = False) -> Runner:
         cfg = self.config
         keep_alive = cfg.default_keep_alive_s if keep_alive_s is None else keep_alive_s
         self._make_room(spec)
@@ -446,6 +564,8 @@ class SimulatedOllama:
         self.ledger.begin(runner.owner, "load")
         try:
             try:
+                if inject_oom:
+                    raise OutOfMemory("injected")
                 if spec.size_bytes <= self.ledger.snapshot().free_bytes or not lone:
                     granted = self.ledger.allocate(runner.owner, spec.size_bytes)
                 else:  # a lone model that does not fit is partially offloaded to the CPU (llama-server --fit)
@@ -453,15 +573,16 @@ class SimulatedOllama:
                     granted = self.ledger.allocate(runner.owner, minimum)  # OOM if not even this fits
                     granted += self.ledger.allocate(runner.owner, spec.size_bytes - minimum, allow_partial=True)
             except OutOfMemory as exc:
-                self.log_event("oom", model=spec.name, error=str(exc))
-                raise ApiError(500, OOM_ERROR) from None
+                text = self.next_oom_text()
+                self.log_event("oom", model=spec.name, error=str(exc), text=text)
+                raise _LoadOutOfMemory(text) from None
             runner.size_vram = granted
             with self._cond:
-                self._runners[spec.name] = runner  # visible in /api/ps while loading, like Ollama
+                self._runners[spec.digest] = runner  # not in /api/ps while loading (state "loading")
             if not self._load_until_ready(cfg.load_time_s, client_gone):
                 # "client connection closed before llama-server finished loading, aborting load" (499)
                 with self._cond:
-                    self._runners.pop(spec.name, None)
+                    self._runners.pop(spec.digest, None)
                     self._cond.notify_all()
                 self.ledger.free(runner.owner)
                 self.log_event("load_aborted", model=spec.name, reason="client disconnected")
@@ -485,26 +606,27 @@ class SimulatedOllama:
         return True
 
     def _make_room(self, spec: ModelSpec) -> None:
-        """Evict until `spec` fits and the model cap allows one more: shortest keep_alive first, then by name,
-        idle runners before busy ones (Ollama's findRunnerToUnload)."""
+        """Evict until `spec` fits in 80 % of free memory beside the others (a lone model always goes ahead) and
+        the model cap allows one more: shortest keep_alive first, then by name, idle runners before busy ones
+        (findRunnerToUnload, sched.go:1663-1693). A pinned model (keep_alive forever) goes last, but it goes."""
         while True:
             free = self.ledger.snapshot().free_bytes
             with self._cond:
-                others = [r for r in self._runners.values() if r.spec.name != spec.name]
+                others = [r for r in self._runners.values() if r.spec.digest != spec.digest]
                 too_many = len(others) >= self.config.max_loaded_models
-                if not others or (spec.size_bytes <= free and not too_many):
+                if not others or (spec.size_bytes <= FIT_FRACTION * free and not too_many):
                     return
                 ranked = sorted(others, key=lambda r: (r.state != "stopping", r.keep_alive_s, r.spec.name))
                 victim = next((r for r in ranked if r.refs == 0), ranked[0])
             self.log_event("evict", model=victim.spec.name, for_model=spec.name,
-                           reason="max_loaded_models" if too_many else "vram")
+                           reason="max_loaded_models" if too_many else "vram", free_bytes=free)
             self._unload_locked(victim, wait_vram=True)
 
     def _unload_locked(self, runner: Runner, *, wait_vram: bool = False) -> None:
         """Stop `runner` once its requests are done; it leaves /api/ps after `unload_delay_s`. `wait_vram` then
         waits (at most 5 s) for lagging VRAM to come back, like Ollama's waitForVRAMRecovery before a load."""
         with self._cond:
-            if self._runners.get(runner.spec.name) is not runner:
+            if self._runners.get(runner.spec.digest) is not runner:
                 return  # already gone
             if runner.state != "stopping":
                 runner.state, runner.expires_at = "stopping", min(runner.expires_at, time.time())
@@ -515,8 +637,8 @@ class SimulatedOllama:
         self.ledger.free(runner.owner, delay_s=cfg.vram_release_lag_s)
         self.ledger.end(runner.owner, "unload")
         with self._cond:
-            if self._runners.get(runner.spec.name) is runner:
-                del self._runners[runner.spec.name]
+            if self._runners.get(runner.spec.digest) is runner:
+                del self._runners[runner.spec.digest]
             self._cond.notify_all()
         self.log_event("unloaded", model=runner.spec.name)
         if wait_vram and cfg.vram_release_lag_s > 0:
@@ -546,8 +668,10 @@ class SimulatedOllama:
     # -- views, reset, shutdown ------------------------------------------------------------------------------
 
     def ps(self) -> list[dict[str, Any]]:
+        """The loaded set only: a runner still loading is not in it (sched.go:700-735, 1745-1765)."""
         with self._cond:
-            runners = sorted(self._runners.values(), key=lambda r: r.expires_at, reverse=True)
+            runners = sorted((r for r in self._runners.values() if r.state != "loading"),
+                             key=lambda r: r.expires_at, reverse=True)
             return [
                 {
                     "name": r.spec.name,
@@ -573,7 +697,8 @@ class SimulatedOllama:
             return {"runners": runners, "config": asdict(self.config)}
 
     def reset(self) -> None:
-        """Back to startup: nothing loaded (VRAM freed at once), empty log, startup config, stalls released."""
+        """Back to startup: nothing loaded (VRAM freed at once), empty log, startup config and models, stalls
+        released."""
         with self._cond:
             self._generation += 1  # cuts simulated loads, unloads and hangs short
             self._cond.notify_all()
@@ -583,6 +708,8 @@ class SimulatedOllama:
                 self._runners.clear()
                 self._log.clear()
                 self.config = self._initial_config
+                self.models = dict(self._initial_models)
+                self._oom_count = 0
                 self._cond.notify_all()
             self._reclaim_stale()
         finally:
@@ -616,6 +743,14 @@ _ROUTES: dict[str, tuple[str, ...]] = {
 
 class _Dropped(Exception):
     """The handler closed the connection on purpose (a "drop" fault)."""
+
+
+class _LoadOutOfMemory(Exception):
+    """A load ran out of memory; `text` is what llama-server printed."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
 
 
 class OllamaHandler(BaseHTTPRequestHandler):
@@ -681,9 +816,10 @@ class OllamaHandler(BaseHTTPRequestHandler):
     def _route(self, method: str, path: str, raw: bytes, fault: str | None) -> None:
         if fault == "hang" and (not self.sim.hang() or self._client_gone()):
             self._drop()  # cut short, or the client gave up meanwhile: Ollama drops a request whose client left
-        if fault in ("oom", "error500", "busy", "notfound"):
+        if fault == "oom" and path not in ("/api/generate", "/api/chat"):
+            raise ApiError(500, LOAD_OOM_PREFIX + self.sim.next_oom_text())
+        if fault in ("error500", "busy", "notfound"):
             status, message = {
-                "oom": (500, OOM_ERROR),
                 "error500": (500, RUNNER_ERROR),
                 "busy": (503, BUSY_ERROR),
                 "notfound": (404, f"model '{_model_name(raw)}' not found"),
@@ -729,20 +865,25 @@ class OllamaHandler(BaseHTTPRequestHandler):
         })
 
     def _infer(self, path: str, req: dict[str, Any], fault: str | None) -> None:
-        """/api/generate and /api/chat: unload, load or run, in the order Ollama checks them."""
+        """/api/generate and /api/chat: unload, load or run, in the order Ollama checks them. Replies echo
+        `model` as the request sent it (routes.go:403-415, 476-486). An "oom" fault on a load is the load running
+        out of memory (O10); on a reply, a runtime OOM that ends the stream and expires every runner (O11)."""
         chat = path == "/api/chat"
         keep_alive_s = parse_keep_alive(req.get("keep_alive"))
+        sent = str(req.get("model") or "")
         spec = self.sim.resolve(req.get("model"))
         messages = _messages(req) if chat else []
         prompt = "" if chat else req.get("prompt") or ""
         empty = not messages if chat else not prompt
         if empty and keep_alive_s == 0:
             self.sim.request_unload(spec)
-            return self._send_json(200, self._done(spec, chat, "unload"))
+            return self._send_json(200, self._done(sent, chat, "unload"))
+        think = req.get("think")
+        if "thinking" not in spec.capabilities and think not in (None, False):
+            raise ApiError(400, f'"{sent}" does not support thinking')
         if "completion" not in spec.capabilities:
-            raise ApiError(400, f'"{spec.name}" does not support {"chat" if chat else "generate"}')
-        if req.get("think") and "thinking" not in spec.capabilities:
-            raise ApiError(400, f'"{spec.name}" does not support thinking')
+            raise ApiError(400, f'"{sent}" does not support {"chat" if chat else "generate"}')
+        thinks = "thinking" in spec.capabilities and think is not False  # on by default (routes.go:453-458)
         stream = req.get("stream")
         stream = True if stream is None else bool(stream)
         options = self.sim.load_options(req.get("options"))
@@ -751,47 +892,60 @@ class OllamaHandler(BaseHTTPRequestHandler):
         if fault == "midstream" and (empty or not stream):
             raise ApiError(500, MIDSTREAM_ERROR)
         started = time.monotonic()
-        runner, load_s = self.sim.acquire(spec, options, keep_alive_s, self._client_gone)
+        runner, load_s = self.sim.acquire(spec, options, keep_alive_s, self._client_gone,
+                                          inject_oom=fault == "oom" and empty)
         lease = _Lease(self.sim, runner)
         try:
             if empty:
                 lease.release()
-                return self._send_json(200, self._done(spec, chat, "load"))
+                return self._send_json(200, self._done(sent, chat, "load"))
             if chat:
                 text = chat_reply(spec.name, messages)
+                asked = next((m.get("content") or "" for m in reversed(messages) if m.get("role") == "user"), "")
                 prompt_tokens = sum(len((m.get("content") or "").split()) for m in messages)
             else:
                 text = generate_reply(spec.name, prompt, list(req.get("images") or []))
+                asked = prompt
                 prompt_tokens = len(prompt.split())
+            thinking = split_chunks(thinking_reply(spec.name, asked)) if thinks else []
             chunks = split_chunks(text)
-            final = self._done(spec, chat, "stop")
+            final = self._done(sent, chat, "stop")
             final.update({
                 "load_duration": int(load_s * 1e9),
                 "prompt_eval_count": prompt_tokens,
                 "prompt_eval_duration": 1_000_000,
-                "eval_count": len(chunks),
-                "eval_duration": int(len(chunks) * self.sim.config.token_delay_s * 1e9),
+                "eval_count": len(thinking) + len(chunks),
+                "eval_duration": int((len(thinking) + len(chunks)) * self.sim.config.token_delay_s * 1e9),
             })
+            if fault == "oom":
+                self.sim.expire_all_for_runtime_oom()
+                if not stream:
+                    raise ApiError(500, RUNTIME_ERROR_PREFIX + self.sim.next_oom_text())
             if not stream:
-                time.sleep(self.sim.config.token_delay_s * len(chunks))
-                final.update(self._piece(spec, chat, text, done=True))
+                time.sleep(self.sim.config.token_delay_s * (len(thinking) + len(chunks)))
+                final.update(self._piece(sent, chat, text, done=True, thinking="".join(thinking)))
                 final["total_duration"] = int((time.monotonic() - started) * 1e9)
                 lease.release()
                 return self._send_json(200, final)
-            self._stream(spec, chat, chunks, final, fault, lease, started)
+            self._stream(sent, chat, thinking, chunks, final, fault, lease, started)
         finally:
             lease.release()
 
-    def _stream(self, spec: ModelSpec, chat: bool, chunks: list[str], final: dict[str, Any], fault: str | None,
-                lease: _Lease, started: float) -> None:
+    def _stream(self, sent: str, chat: bool, thinking: list[str], chunks: list[str], final: dict[str, Any],
+                fault: str | None, lease: _Lease, started: float) -> None:
         self._start_chunked("application/x-ndjson")
-        for i, piece in enumerate(chunks):
+        pieces = [("thinking", p) for p in thinking] + [("content", p) for p in chunks]
+        for i, (kind, piece) in enumerate(pieces):
             if fault == "drop" and i == 1:
                 self._drop()
-            if fault == "midstream" and i == 2:
-                self._write_line({"error": MIDSTREAM_ERROR})
+            if fault in ("midstream", "oom") and i == 2:
+                error = MIDSTREAM_ERROR if fault == "midstream" else RUNTIME_ERROR_PREFIX + self.sim.next_oom_text()
+                self._write_line({"error": error})
                 return self._end_chunked()
-            self._write_line(self._piece(spec, chat, piece, done=False))
+            if kind == "thinking":
+                self._write_line(self._piece(sent, chat, "", done=False, thinking=piece))
+            else:
+                self._write_line(self._piece(sent, chat, piece, done=False))
             time.sleep(self.sim.config.token_delay_s)
         final["total_duration"] = int((time.monotonic() - started) * 1e9)
         lease.release()  # before the last line, so a client that reads it sees the idle timer running
@@ -799,17 +953,21 @@ class OllamaHandler(BaseHTTPRequestHandler):
         self._end_chunked()
 
     @staticmethod
-    def _piece(spec: ModelSpec, chat: bool, text: str, *, done: bool) -> dict[str, Any]:
-        body: dict[str, Any] = {"model": spec.name, "created_at": rfc3339(time.time())}
+    def _piece(sent: str, chat: bool, text: str, *, done: bool, thinking: str = "") -> dict[str, Any]:
+        body: dict[str, Any] = {"model": sent, "created_at": rfc3339(time.time())}
         if chat:
             body["message"] = {"role": "assistant", "content": text}  # the client needs role in every chunk
+            if thinking:
+                body["message"]["thinking"] = thinking
         else:
             body["response"] = text
+            if thinking:
+                body["thinking"] = thinking
         body["done"] = done
         return body
 
-    def _done(self, spec: ModelSpec, chat: bool, reason: str) -> dict[str, Any]:
-        body = self._piece(spec, chat, "", done=True)
+    def _done(self, sent: str, chat: bool, reason: str) -> dict[str, Any]:
+        body = self._piece(sent, chat, "", done=True)
         body["done_reason"] = reason
         return body
 
@@ -824,6 +982,9 @@ class OllamaHandler(BaseHTTPRequestHandler):
             if (method, path) == ("POST", "/_double/config"):
                 cfg = self.sim.configure(_json_object(raw) if raw.strip() else {})
                 return self._send_json(200, asdict(cfg))
+            if (method, path) == ("POST", "/_double/remove"):  # `ollama rm` of a model, loaded or not
+                self.sim.remove_model(_json_object(raw).get("model"))
+                return self._send_json(200, {"ok": True})
             if (method, path) == ("POST", "/_double/reset"):
                 self.sim.reset()
                 return self._send_json(200, {"ok": True})
