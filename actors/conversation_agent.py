@@ -19,7 +19,7 @@ from bootstrap.paths import under_state_dir
 from mai.core.chat_policy import Availability, Candidate, ChatPolicy
 from mai.core.context import fit_to_window
 from messages.base import new_request_id
-from messages.chat import ChatMessage
+from messages.chat import ChatMessage, FragmentKind, ReplyFragment
 from messages.conversation import (
     CancelReply,
     ChatGrant,
@@ -60,9 +60,10 @@ class _Turn:
     phase: str = "choose"  # choose | grant | stream
     step_id: str = ""
     model: Candidate | None = None
-    stream: Iterator[str] | None = None
+    stream: Iterator[ReplyFragment] | None = None
     message_id: int = 0
     content: str = ""
+    thinking: str = ""  # the model's reasoning: relayed and returned, never stored or replayed
     seq: int = 0
     tokens: int = 0
     stream_started: float = 0.0
@@ -270,7 +271,7 @@ class ConversationAgent(MaiActor):
             turn.restarted = True
             self.send(turn.sender, ReplyChunk(turn.request.request_id, turn.seq, "", restart=True))
             turn.seq += 1
-            turn.content = ""
+            turn.content = turn.thinking = ""
         turn.phase = "stream"
         turn.stream = iter(self.backends.stream(candidate, plan.messages, turn.cancel))
         turn.stream_started = turn.last_checkpoint = time.monotonic()
@@ -290,7 +291,7 @@ class ConversationAgent(MaiActor):
             self._finish(status="cancelled")
             return
         batch_until = time.monotonic() + self.config.chat.token_batch_ms / 1000
-        parts: list[str] = []
+        parts: list[ReplyFragment] = []
         try:
             while time.monotonic() < batch_until:
                 parts.append(next(turn.stream))
@@ -307,15 +308,26 @@ class ConversationAgent(MaiActor):
         self._flush(parts)
         self._pump_later(turn_id)  # next batch, after anything already waiting in the mailbox (a cancel)
 
-    def _flush(self, parts: list[str]) -> None:
+    def _flush(self, parts: list[ReplyFragment]) -> None:
+        """One ReplyChunk per run of one kind, in order. Only CONTENT becomes the reply and reaches the store:
+        reasoning fed back to a model would be read as something it said (and fills its window)."""
         turn = self.turn
-        text = "".join(parts)
-        if not text:
-            return
-        turn.content += text
-        self.send(turn.sender, ReplyChunk(turn.request.request_id, turn.seq, text))
-        turn.seq += 1
-        if time.monotonic() - turn.last_checkpoint >= CHECKPOINT_EVERY_S:
+        runs: list[tuple[FragmentKind, str]] = []
+        for part in parts:
+            if runs and runs[-1][0] is part.kind:
+                runs[-1] = (part.kind, runs[-1][1] + part.text)
+            else:
+                runs.append((part.kind, part.text))
+        for kind, text in runs:
+            if not text:
+                continue
+            if kind is FragmentKind.REASONING:
+                turn.thinking += text
+            else:
+                turn.content += text
+            self.send(turn.sender, ReplyChunk(turn.request.request_id, turn.seq, text, kind=kind))
+            turn.seq += 1
+        if runs and time.monotonic() - turn.last_checkpoint >= CHECKPOINT_EVERY_S:
             self.store.update_reply(turn.message_id, turn.content, status="pending")
             turn.last_checkpoint = time.monotonic()
 
@@ -331,8 +343,10 @@ class ConversationAgent(MaiActor):
         if status == "complete":
             self.policy.record_success(turn.model.key, time.time(), speed)
         self.log.info("chat.reply", model=turn.model.key, status=status, chars=len(turn.content),
-                      tokens_per_s=round(speed, 1) if speed else None, switches=len(turn.switches))
-        self.send(turn.sender, ReplyDone(turn.request.request_id, turn.model.key, turn.content, status, speed, tuple(turn.switches)))
+                      thinking_chars=len(turn.thinking), tokens_per_s=round(speed, 1) if speed else None,
+                      switches=len(turn.switches))
+        self.send(turn.sender, ReplyDone(turn.request.request_id, turn.model.key, turn.content, status, speed,
+                                         tuple(turn.switches), thinking=turn.thinking))
         self._after_turn()
 
     def _fail_turn(self, err: MaiError) -> None:

@@ -3,7 +3,8 @@ creates it, sends Init (config, the supervisor's address) and OpenSession, then 
 
 A line is parsed by `mai.core.repl_commands`; a chat message becomes a UserTurn to the conversation agent whose
 ReplyChunk batches are relayed as TerminalOutput, a command becomes one request to the agent or the coordinator
-whose answer is written back as text. Every line ends with exactly one "done" output. The request id of the line
+whose answer is written back as text. A thinking model's reasoning is relayed as "thinking" outputs (the terminal
+shows it as one dim line) and the last reply's is kept for `/thinking`. Every line ends with exactly one "done" output. The request id of the line
 is used all the way through (GetSystemInfo, then the request), so every reply finds its line. Addresses are asked
 from the supervisor for every line: a restarted agent has a new address, and the lookup costs a millisecond."""
 
@@ -28,6 +29,7 @@ from messages.conversation import (
     ReplyChunk,
     ReplyDone,
 )
+from messages.chat import FragmentKind
 from messages.errors import MaiError, Reason
 from messages.failure import Failure
 from messages.repl import (
@@ -73,6 +75,8 @@ class ReplActor(MaiActor):
         self.last_heard = time.monotonic()
         self.lines: dict[str, _Line] = {}
         self.closed = False
+        self.last_thinking = ""  # the last finished reply's reasoning, for /thinking
+        self.last_model: str | None = None
 
     # --- session --------------------------------------------------------------------------------------------
     def receiveMsg_OpenSession(self, msg: OpenSession, sender: Any) -> None:
@@ -118,6 +122,9 @@ class ReplActor(MaiActor):
             self._done(msg.request_id)
         elif command.kind == "help":
             self._output(msg.request_id, "info", rc.help_text())
+            self._done(msg.request_id)
+        elif command.kind == "thinking":
+            self._output(msg.request_id, "info", rc.thinking_text(self.last_thinking, self.last_model))
             self._done(msg.request_id)
         elif command.kind == "invalid":
             self._error(msg.request_id, command.error)
@@ -170,6 +177,9 @@ class ReplActor(MaiActor):
         line = self.lines.get(msg.request_id)
         if line is None or line.cancelled:
             return  # tokens still on their way after Ctrl-C are not shown
+        if msg.kind is FragmentKind.REASONING:
+            self._output(msg.request_id, "thinking", msg.text)
+            return
         line.streamed = line.streamed or bool(msg.text)
         self._output(msg.request_id, "restart" if msg.restart else "chunk", msg.text)
 
@@ -177,10 +187,11 @@ class ReplActor(MaiActor):
         line = self.lines.get(msg.request_id)
         if line is None:
             return
+        self.last_thinking, self.last_model = msg.thinking, msg.model
         if not line.streamed and msg.content:
             self._output(msg.request_id, "chunk", msg.content)
         self._done(msg.request_id, {"model": msg.model, "status": msg.status, "tokens_per_s": msg.tokens_per_s,
-                                    "switches": list(msg.switches)})
+                                    "switches": list(msg.switches), "thinking_words": len(msg.thinking.split())})
 
     def receiveMsg_Failure(self, msg: Failure, sender: Any) -> None:
         line = self.lines.get(msg.request_id)

@@ -10,7 +10,7 @@ from backends.lmstudio import LmStudioAdapter
 from backends.ollama import OllamaAdapter
 from mai.core.chat_policy import Availability, Candidate
 from mai.core.context import approx_tokens
-from messages.chat import ChatMessage
+from messages.chat import ChatMessage, ReplyFragment
 from messages.errors import MaiError
 
 INSTANCE_PREFIX = "mai:"  # our LM Studio instance identifiers: never JIT instances, never someone else's
@@ -29,6 +29,7 @@ class ChatBackends:
         self._probe_adapter = OllamaAdapter(cfg.ollama.host, num_ctx=cfg.ollama.num_ctx,
                                             request_timeout_s=cfg.ollama.request_timeout_s)
         self.last_errors: dict[str, str] = {}
+        self._thinks: dict[str, bool] = {}  # Ollama model -> has the "thinking" capability (asked once)
 
     def _ollama_for(self, candidate: Candidate) -> OllamaAdapter:
         """One adapter per model, so each model always gets the same num_ctx (a change reloads it silently)."""
@@ -76,7 +77,9 @@ class ChatBackends:
         return found
 
     def load(self, candidate: Candidate, on_progress: Callable[[float], None] | None = None) -> int:
-        """Load and return the VRAM it took as the backend reports it."""
+        """Load and return the size the backend reports: LM Studio's `sizeBytes` is the model file's size and Ollama's
+        `size_vram` leaves out the runner's CUDA context (real-servers.md L1, O19), so this is never a footprint; the
+        coordinator measures that from the VRAM readings around the load (mai.core.footprints)."""
         if candidate.backend == "lmstudio":
             inst = self._lms().load(candidate.key, INSTANCE_PREFIX + candidate.key, context_length=candidate.context_window,
                                     ttl_s=self.cfg.lmstudio.instance_ttl_s, on_progress=on_progress)
@@ -89,12 +92,26 @@ class ChatBackends:
         else:
             self._ollama_for(candidate).unload(candidate.key, wait_gone_s=self.cfg.ollama.unload_timeout_s)
 
-    def stream(self, candidate: Candidate, messages: Sequence[ChatMessage], cancel: threading.Event) -> Iterator[str]:
+    def stream(self, candidate: Candidate, messages: Sequence[ChatMessage],
+               cancel: threading.Event) -> Iterator[ReplyFragment]:
+        """The reply as fragments tagged CONTENT or REASONING; the caller keeps reasoning out of the reply."""
         chat = self.cfg.chat
         if candidate.backend == "lmstudio":
             return self._lms().chat_stream(INSTANCE_PREFIX + candidate.key, messages, max_tokens=chat.max_tokens,
                                            temperature=chat.temperature, cancel=cancel)
-        return self._ollama_for(candidate).chat_stream(candidate.key, messages, keep_alive=-1)
+        adapter = self._ollama_for(candidate)
+        return adapter.chat_stream(candidate.key, messages, keep_alive=-1, think=self._ollama_think(adapter, candidate))
+
+    def _ollama_think(self, adapter: OllamaAdapter, candidate: Candidate) -> bool | None:
+        """True for a model Ollama says can think; None (send no `think`) otherwise, since `think: true` to a
+        model without the capability is a 400 and a capable one thinks by default (real-servers.md O15).
+        An unanswered /api/show is asked again next turn."""
+        if candidate.key not in self._thinks:
+            try:
+                self._thinks[candidate.key] = "thinking" in adapter.show(candidate.key).capabilities
+            except MaiError:
+                return None
+        return True if self._thinks[candidate.key] else None
 
     def token_counter(self, candidate: Candidate) -> Callable[[str], int]:
         """Deterministic estimate (4 characters a token); exact counts would cost a round trip per message."""

@@ -10,8 +10,13 @@ SDK facts it relies on (shared/reference/lmstudio.md):
 - No auto-reconnect: once a socket dies every call on that client fails (§2). So a lost connection or a hang
   drops the client and the next call builds a new one. Nothing here retries: the conversation core decides.
 - The sync API's only timeout is process-wide (`set_sync_api_timeout`): the longest silence between two server
-  messages, reset by every progress frame (§2). It is set before each call: `request_timeout_s` for requests
-  and streams, `load_timeout_s` for loads. Mai runs one adapter per actor process, so nothing else shares it.
+  messages, reset by every frame received, progress and reasoning fragments included (§2; real-servers.md L6).
+  It is set before each call: `request_timeout_s` for requests, `load_timeout_s` for loads AND chat streams,
+  since a prediction can wait silently behind a load or another prediction (L7). A stream sets it again before
+  each fragment it waits for, because a request made between two fragments (a model list) sets it too.
+- Reasoning arrives as fragments whose `reasoning_type` is not "none" (L3): "reasoning" fragments are yielded
+  tagged REASONING, the `<think>`/`</think>` tag fragments are dropped, so neither can become the reply.
+- Port 1234 answers only once LM Studio's server is started (L4): a refused connection says how to start it.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import lmstudio as lms
 
 from bootstrap.logs import get_logger
 from messages.base import invalid
-from messages.chat import ChatMessage
+from messages.chat import ChatMessage, FragmentKind, ReplyFragment
 from messages.errors import (
     BackendUnavailable,
     Cancelled,
@@ -48,6 +53,9 @@ _HOST_RE = re.compile(r"^(?P<name>[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0
 _MEMORY_HINTS = ("insufficient system resources", "allocate", "memory")
 _FAILED_STOP_REASONS = ("failed", "modelUnloaded")
 _MISSING_CODES = ("generic.noModelMatchingQuery", "generic.pathNotFound", "generic.identifierNotFound")
+# LlmPredictionFragment.reasoning_type (lmstudio-python@ae837ac:src/lmstudio/_sdk_models/__init__.py:1248-1257):
+# "none" is the reply, "reasoning" the thinking, and the start/end tags arrive as content ("<think>") to drop.
+_REASONING_TYPE_KIND = {"none": FragmentKind.CONTENT, "reasoning": FragmentKind.REASONING}
 
 log = get_logger("mai.backends.lmstudio")
 
@@ -91,6 +99,12 @@ def merge_same_role(messages: Sequence[ChatMessage]) -> list[ChatMessage]:
     return merged
 
 
+def not_serving(host: str) -> str:
+    """What a user does when nothing answers at `host`: port 1234 is LM Studio's optional server (L4)."""
+    return (f"LM Studio at {host} is not serving: start its server with `lms server start`, or in LM Studio's "
+            "Developer tab (Status: Running)")
+
+
 def _server_text(exc: BaseException) -> str:
     """The server's title and cause on one line, or the SDK's own message."""
     detail = getattr(exc, "server_error", None)
@@ -126,9 +140,10 @@ def translate_error(exc: Exception, *, op: str, host: str, details: Mapping[str,
         silence = f" for {info['timeout_s']} s" if "timeout_s" in info else ""
         return OperationTimeout(f"LM Studio at {host} went silent{silence} during {what}", details=info)
     if isinstance(exc, lms.LMStudioWebsocketError):
-        if "not reachable" in text:  # the SDK's own sentence names the URL and asks whether LM Studio runs
-            return BackendUnavailable(text if text.startswith("LM Studio") else f"LM Studio is not reachable at {host}: "
-                                      f"{text}", details=info)
+        if "not reachable" in text:  # the SDK's sentence: "LM Studio is not reachable at ws://h:p/ns (due to ...)"
+            tried = re.search(r"ws://\S+", text)
+            return BackendUnavailable(f"{not_serving(host)}; {tried[0] if tried else host} was not reachable",
+                                      details={**info, "sdk_text": text})
         return ConnectionLost(f"lost the connection to LM Studio at {host} during {what}: {text}", details=info)
     if _channel_closed_early(exc):
         return _OP_FAILURE.get(op, BackendUnavailable)(
@@ -241,12 +256,12 @@ class LmStudioAdapter:
             alive = lms.Client.is_valid_api_host(self._host)
         except Exception as exc:  # any failure of a 1-second greeting (reset, bad JSON, read timeout) means "not up"
             raise BackendUnavailable(
-                f"LM Studio is not reachable at {self._host}: greeting failed ({exc!r})",
+                f"{not_serving(self._host)}; its greeting failed ({exc!r})",
                 details={"host": self._host, "op": "probe", "sdk_error": type(exc).__name__},
             ) from exc
         if not alive:
             raise BackendUnavailable(
-                f"LM Studio is not reachable at {self._host}: nothing answers GET /lmstudio-greeting",
+                f"{not_serving(self._host)}; nothing answers GET /lmstudio-greeting",
                 details={"host": self._host, "op": "probe"},
             )
 
@@ -318,12 +333,14 @@ class LmStudioAdapter:
         max_tokens: int = 1024,
         temperature: float = 0.7,
         cancel: threading.Event | None = None,
-    ) -> Iterator[str]:
-        """Stream the reply of `identifier` to our whole history, rebuilt as an SDK Chat on every call.
+    ) -> Iterator[ReplyFragment]:
+        """Stream the reply of `identifier` to our whole history, rebuilt as an SDK Chat on every call, as fragments
+        tagged CONTENT or REASONING (a reasoning model's thinking, which the caller keeps out of the reply).
 
-        Arguments are checked now; the request starts on the first `next()`. When `cancel` is set the prediction
-        is cancelled on the server and `Cancelled` is raised once the stream has ended. A stop reason of
-        failed/modelUnloaded raises PredictionFailed.
+        Arguments are checked now; the request starts on the first `next()`. At most `load_timeout_s` may pass
+        between two frames (reasoning frames count). When `cancel` is set the prediction is cancelled on the
+        server and `Cancelled` is raised once the stream has ended. A stop reason of failed/modelUnloaded raises
+        PredictionFailed.
         """
         _check_identifier(identifier)
         where = "LmStudioAdapter.chat_stream"
@@ -346,19 +363,25 @@ class LmStudioAdapter:
 
     def _stream(
         self, identifier: str, chat: Any, config: dict[str, Any], cancel: threading.Event | None
-    ) -> Iterator[str]:
+    ) -> Iterator[ReplyFragment]:
         if cancel is not None and cancel.is_set():
             raise Cancelled(f"chat with {identifier} cancelled before it started", details={"identifier": identifier})
         watch = _CancelWatch(cancel)
-        with self._sdk("chat", self._request_timeout_s, identifier=identifier) as client:
+        silence_s = self._load_timeout_s
+        with self._sdk("chat", silence_s, identifier=identifier) as client:
             llm = lms.LLM(identifier, client.llm)  # a symbolic handle: no request, and never a JIT load
             stream = llm.respond_stream(chat, config=config, on_prompt_processing_progress=watch.poll)
             watch.stream = stream
             fragments = iter(stream)  # held here: a bare for-loop would close it before `except` could cancel
             try:
-                for fragment in fragments:
-                    if not watch.poll():
-                        yield fragment.content
+                while True:
+                    lms.set_sync_api_timeout(silence_s)  # another call between two fragments set its own limit
+                    fragment = next(fragments, None)
+                    if fragment is None:
+                        break
+                    kind = _REASONING_TYPE_KIND.get(fragment.reasoning_type)
+                    if not watch.poll() and kind is not None and fragment.content:
+                        yield ReplyFragment(fragment.content, kind)
             except GeneratorExit:  # the consumer walked away: stop the server generating for nobody
                 with contextlib.suppress(lms.LMStudioError):
                     stream.cancel()

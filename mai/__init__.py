@@ -14,6 +14,7 @@ _LAZY = {
     "MaiClient": ("mai.client", "MaiClient"),
     "Lease": ("mai.client", "Lease"),
     "Mai": ("mai.conversation", "Mai"),
+    "ReplyFragment": ("messages.chat", "ReplyFragment"),
 }
 
 

@@ -4,10 +4,15 @@ Actor processes read stdin from /dev/null, so the terminal is this external proc
 session does the rest (messages/repl.py has the protocol). Two private Thespian endpoints, one per thread (the
 external handle is not thread-safe, reference thespian.md §5): the main thread reads stdin and listens for output
 while a line is answered; a heartbeat thread pings the ReplActor so an abandoned session ends itself, and
-interrupts the prompt when the session is gone (Mai stopped)."""
+interrupts the prompt when the session is gone (Mai stopped).
+
+A reasoning model's thinking is not the reply: on a terminal it shows as ONE dim line, "thinking… (N words)",
+redrawn as the reasoning streams, which collapses to "thought for S s (N words) · /thinking shows it" when the
+reply starts; `/thinking` prints the whole reasoning. Piped output carries replies only (NO_COLOR drops the dim)."""
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -38,6 +43,8 @@ CANCEL_WAIT_S = 10.0  # after Ctrl-C, wait this long for the reply to stop (the 
 CLOSE_WAIT_S = 2.0
 LISTEN_SLICE_S = 0.1  # how often a Ctrl-C or a lost session is noticed while a reply streams
 MISSED_PINGS = 2  # the session counts as gone after this many unanswered heartbeats
+DIM, PLAIN = "\x1b[2m", "\x1b[0m"
+ERASE_LINE = "\r\x1b[2K"  # back to column 0 and clear it: the thinking line is redrawn in place
 
 
 @dataclass
@@ -46,6 +53,8 @@ class _Shown:
 
     replying: bool = False  # a reply line is open (no newline yet)
     cancelled: bool = False
+    thinking: str = ""  # the reasoning streamed so far for this line's reply
+    thinking_since: float | None = None  # set while the dim thinking line is open
 
 
 def _ask(ctx: Any, address: Any, message: Any, timeout_s: float) -> Any:
@@ -84,6 +93,8 @@ class ChatTerminal:
         self.lost = threading.Event()
         self.stopping = threading.Event()
         self.readline: Any = None
+        self.on_tty = bool(getattr(out, "isatty", lambda: False)())
+        self.dim = ("", "") if os.environ.get("NO_COLOR") else (DIM, PLAIN)
         if interactive:
             try:
                 import readline  # noqa: F401 - importing it gives input() line editing and history
@@ -207,9 +218,12 @@ class ChatTerminal:
 
     # --- output ----------------------------------------------------------------------------------------------------
     def _show(self, output: TerminalOutput, shown: _Shown) -> None:
-        if shown.cancelled and output.kind in ("chunk", "restart"):
+        if shown.cancelled and output.kind in ("chunk", "thinking", "restart"):
             return  # tokens that were already on their way when Ctrl-C was pressed
-        if output.kind == "chunk":
+        if output.kind == "thinking":
+            self._think(output.text, shown)
+        elif output.kind == "chunk":
+            self._end_thinking(shown)
             if not shown.replying:
                 self._write(REPLY_PREFIX)
                 shown.replying = True
@@ -227,7 +241,28 @@ class ChatTerminal:
             if output.data.get("status") == "cancelled" and not shown.cancelled:
                 self._write("[cancelled]\n")
 
+    def _think(self, text: str, shown: _Shown) -> None:
+        shown.thinking += text
+        if not self.on_tty:
+            return  # a pipe gets the reply only; /thinking still has the reasoning
+        if shown.thinking_since is None:
+            shown.thinking_since = time.monotonic()
+        on, off = self.dim
+        self._write(f"{ERASE_LINE}{on}thinking… ({len(shown.thinking.split())} words){off}")
+
+    def _end_thinking(self, shown: _Shown) -> None:
+        """Collapse the thinking line into its summary, before the reply (or whatever else) is shown."""
+        if shown.thinking_since is None:
+            return
+        on, off = self.dim
+        took = time.monotonic() - shown.thinking_since
+        words = len(shown.thinking.split())
+        self._write(f"{ERASE_LINE}{on}thought for {took:.1f} s ({words} words) · /thinking shows it{off}\n")
+        shown.thinking_since = None
+        shown.thinking = ""
+
     def _end_reply(self, shown: _Shown) -> None:
+        self._end_thinking(shown)
         if shown.replying:
             self._write("\n")
             shown.replying = False

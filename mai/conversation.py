@@ -4,6 +4,8 @@
     print(m.process_message("hello"))              # the whole reply
     for text in m.stream_message("tell me more"):  # or batch by batch
         print(text, end="", flush=True)
+    for piece in m.stream_message("why?", thinking=True):  # a reasoning model's thinking too, tagged:
+        print(piece.text, end="", flush=True)                # piece.reasoning is True for the thinking
     m.get_conversation_history(); m.get_status(); m.shutdown()
 
 The agent picks and switches the chat model by itself; the history lives in the agent's SQLite store, so it
@@ -14,9 +16,10 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Literal, overload
 
 from messages.base import new_request_id
+from messages.chat import ReplyFragment
 from messages.conversation import (
     CancelReply,
     ConversationStarted,
@@ -37,8 +40,9 @@ from messages.failure import Failure
 AGENT_CHECK_S = 2.0  # after this long without a word from the agent, ask the supervisor whether it was restarted
 
 
-def stream_turn(client: Any, text: str, timeout_s: float, *, on_restart: Callable[[], None] | None = None) -> Iterator[str | ReplyDone]:
-    """Send one user turn and yield the reply's text batches, then the ReplyDone. Closing the generator early
+def stream_turn(client: Any, text: str, timeout_s: float, *,
+                on_restart: Callable[[], None] | None = None) -> Iterator[ReplyFragment | ReplyDone]:
+    """Send one user turn and yield the reply's batches, tagged content or reasoning, then the ReplyDone. Closing the generator early
     (or Ctrl-C) cancels the reply; the session and the history stay intact. An agent that dies mid-turn is
     noticed within `AGENT_CHECK_S` (its successor will not answer for it): `ConnectionLost`, not a long wait."""
     request = UserTurn(new_request_id(), text, timeout_s)
@@ -72,7 +76,7 @@ def stream_turn(client: Any, text: str, timeout_s: float, *, on_restart: Callabl
                     if message.restart and on_restart is not None:
                         on_restart()
                     if message.text:
-                        yield message.text
+                        yield ReplyFragment(message.text, message.kind)
                 elif isinstance(message, ReplyDone):
                     finished = True
                     yield message
@@ -107,12 +111,22 @@ class Mai:
         self.reply_timeout_s = reply_timeout_s or self.client.config.chat.reply_timeout_s
         self.last_reply: ReplyDone | None = None
 
-    def stream_message(self, text: str) -> Iterator[str]:
+    @overload
+    def stream_message(self, text: str, *, thinking: Literal[False] = False) -> Iterator[str]: ...
+    @overload
+    def stream_message(self, text: str, *, thinking: Literal[True]) -> Iterator[ReplyFragment]: ...
+
+    def stream_message(self, text: str, *, thinking: bool = False) -> Iterator[str] | Iterator[ReplyFragment]:
+        """Yield the reply's text batch by batch. A reasoning model's thinking is not the reply and is left out;
+        `thinking=True` yields `ReplyFragment`s instead, reasoning ones tagged (`fragment.reasoning`). Either way
+        `last_reply.thinking` holds the whole reasoning once the reply is done."""
         for item in stream_turn(self.client, text, self.reply_timeout_s):
             if isinstance(item, ReplyDone):
                 self.last_reply = item
-            else:
+            elif thinking:
                 yield item
+            elif not item.reasoning:
+                yield item.text
 
     def process_message(self, text: str) -> str:
         """Send a message and return Mai's whole reply (the model is chosen and switched silently)."""

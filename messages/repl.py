@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from messages.base import check_choice, check_instance, check_number, check_text
 
-OUTPUT_KINDS = ("chunk", "restart", "info", "error", "done")
+OUTPUT_KINDS = ("chunk", "thinking", "restart", "info", "error", "done")
 
 
 @dataclass(frozen=True)
@@ -65,9 +65,10 @@ class TerminalInterrupt:
 
 @dataclass(frozen=True)
 class TerminalOutput:
-    """What the terminal shows for a line. kind: chunk (reply text, no newline), restart (another model starts
-    the reply again: what was shown is void), info / error (whole lines), done (last one for the line;
-    data: for a chat reply model, status, tokens_per_s, switches; after /quit closed=True)."""
+    """What the terminal shows for a line. kind: chunk (reply text, no newline), thinking (a piece of the model's
+    reasoning: shown as one dim line that collapses when the reply starts), restart (another model starts the
+    reply again: what was shown is void), info / error (whole lines), done (last one for the line; data: for a chat
+    reply model, status, tokens_per_s, switches, thinking_words; after /quit closed=True)."""
 
     request_id: str
     kind: str

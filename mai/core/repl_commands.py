@@ -24,6 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "mode": ("/mode MODE", "switch the GPU mode: autopilot, recording or idle"),
     "history": ("/history [N]", f"the last N messages of this conversation (default {DEFAULT_HISTORY_LIMIT})"),
     "new": ("/new", "start a new conversation (the old one stays in the history database)"),
+    "thinking": ("/thinking", "the full reasoning of the last reply; a reasoning model's thinking shows as one dim "
+                              "line while it thinks, and is never part of the reply or the history"),
     "help": ("/help", "this list"),
     "quit": ("/quit", "end the chat (Ctrl-D, or Ctrl-C at an empty prompt, does the same)"),
 }
@@ -32,7 +34,7 @@ ALIASES = {"exit": "quit"}
 # kind → the actor role that answers it; the other kinds (say is sent to "chat" too) are answered locally.
 ROLE_OF = {"say": "chat", "models": "chat", "switch": "chat", "history": "chat", "new": "chat",
            "status": "coordinator", "mode": "coordinator"}
-LOCAL_KINDS = ("empty", "help", "quit", "invalid")
+LOCAL_KINDS = ("empty", "help", "quit", "invalid", "thinking")
 
 
 @dataclass(frozen=True)
@@ -129,7 +131,7 @@ def models_table(rows: Any, current: str | None, pinned: str | None) -> str:
     table = [header]
     for row in rows:
         mark = ("*" if row.current else " ") + ("p" if row.pinned else " ")
-        footprint = _mib(row.footprint_bytes) + (" (measured)" if row.footprint_learned else "")
+        footprint = _mib(row.footprint_bytes) + (" (measured)" if row.footprint_learned else " (declared)")
         table.append((mark, row.key, row.backend, str(row.tier), footprint, "yes" if row.loaded else "no",
                       row.why_not or "-"))
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
@@ -180,6 +182,13 @@ def history_text(conversation_id: str, entries: Any) -> str:
         text = text if len(text) <= HISTORY_LINE_CHARS else text[: HISTORY_LINE_CHARS - 1] + "…"
         lines.append(f"  {at} {who}{status}: {text}")
     return "\n".join(lines)
+
+
+def thinking_text(thinking: str, model: str | None) -> str:
+    """`/thinking`: the last reply's reasoning, whole, or why there is none."""
+    if not thinking:
+        return "the last reply came without reasoning (only reasoning models think before they answer)"
+    return f"reasoning of the last reply ({model or 'unknown model'}, {len(thinking.split())} words):\n{thinking.strip()}"
 
 
 def failure_text(message: str, reason: str) -> str:

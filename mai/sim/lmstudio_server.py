@@ -14,6 +14,13 @@ What it serves (127.0.0.1 only):
   applyPromptTemplate, and on /system listDownloadedModels, version, info.
 - channels: loadModel (resolved, progress*, success | channelError), getOrLoad (only so the SDK works),
   predict (promptProcessingProgress, fragments, success; a `cancel` ends it with stopReason "userStopped").
+- reasoning models (`Settings.reasoning`, per model key): before the reply, `<think>` as a reasoningStartTag
+  fragment, the reasoning (`reasoning_for`) as "reasoning" fragments, `</think>` as a reasoningEndTag fragment;
+  the tags arrive as content, as LM Studio sends them (LlmPredictionFragment.reasoning_type,
+  lmstudio-ai/lmstudio-python@ae837ac:src/lmstudio/_sdk_models/__init__.py:1248-1257; the SDK joins every
+  fragment's content, reasoning included, into the result: …@ae837ac:src/lmstudio/json_api.py:1376-1389, 1423).
+- silences (`Settings.first_fragment_delay_s`): nothing at all between prompt processing and the first fragment,
+  as when a prediction waits behind another one (real-servers.md L7).
 - memory: a load must fit the budget (`--vram-mb`, default 24 GiB) or, with `--ledger`, the shared simulated GPU
   ledger (owner `lmstudio:<identifier>`); otherwise it is refused with LM Studio's guardrail text.
 - replies derive from the WHOLE history (`reply_for`), so a test can prove every message reached the model.
@@ -164,6 +171,15 @@ def reply_for(identifier: str, history: Iterable[tuple[str, str]]) -> str:
     return f"[{identifier}] messages={len(items)} last_user={last_user} digest={digest}"
 
 
+def reasoning_for(identifier: str, history: Iterable[tuple[str, str]]) -> str:
+    """What a reasoning model thinks before `reply_for`'s answer; its marker `think-digest=` lets a test see
+    whether reasoning leaked into a reply, the stored history, or a later prompt."""
+    items = list(history)
+    digest = hashlib.sha1("\x1e".join(f"{role}\x1f{text}" for role, text in items).encode()).hexdigest()[:8]
+    last_user = " ".join(next((text for role, text in reversed(items) if role == "user"), "").split())[:40]
+    return f"Okay, {identifier} considers {len(items)} messages; the user asked: {last_user}. think-digest={digest}"
+
+
 def count_tokens(text: str) -> int:
     return math.ceil(len(text) / 4)
 
@@ -186,6 +202,9 @@ class Settings:
     stall: bool = False  # receive, log, never answer (until cleared)
     auth_refuse: str | None = None  # refuse websocket auth with this string error
     free_delay_s: float = 0.0  # ledger only: how long freed memory takes to come back after an unload
+    reasoning: dict[str, int] = field(default_factory=dict)  # modelKey -> reasoning fragments before each reply
+    reasoning_delay_s: float | None = None  # between reasoning fragments; None: fragment_delay_s
+    first_fragment_delay_s: float = 0.0  # silence after prompt processing, before the first fragment
 
     CHOICES = {
         "fail_next_load": (None, *LOAD_FAILURES),
@@ -203,6 +222,11 @@ class Settings:
                 not isinstance(value, dict) or any(v not in LOAD_FAILURES for v in value.values())
             ):
                 raise ValueError(f"model_failures must map model keys to one of {LOAD_FAILURES}")
+            if key == "reasoning" and (
+                not isinstance(value, dict) or any(isinstance(v, bool) or not isinstance(v, int) or v < 0
+                                                   for v in value.values())
+            ):
+                raise ValueError("reasoning must map model keys to a number of reasoning fragments (int >= 0)")
             setattr(self, key, value)
 
 
@@ -368,7 +392,7 @@ class LmStudioDouble:
     def reset(self) -> None:
         for inst in list(self.instances.values()):
             self.unload(inst)
-        self.settings = dataclasses.replace(self.base_settings, model_failures={})
+        self.settings = dataclasses.replace(self.base_settings, model_failures={}, reasoning={})
         self.log.clear()
         self._sync_stall()
 
@@ -694,8 +718,13 @@ class Session:
         inst.last_used_s = time.time()
         await self.channel_send(channel_id, {"type": "promptProcessingProgress", "progress": 0.0, "details": {}})
         await self.channel_send(channel_id, {"type": "promptProcessingProgress", "progress": 1.0, "details": {}})
+        await self.pause(channel, double.settings.first_fragment_delay_s)
         stop_reason, sent_tokens = "eosFound", 0
-        fragments = split_fragments(text)
+        thinking = double.settings.reasoning.get(inst.model.key, 0)
+        if thinking:
+            stop_reason, sent_tokens = await self.think(channel_id, channel, reasoning_for(inst.identifier, history),
+                                                        thinking, token_limit)
+        fragments = split_fragments(text) if stop_reason == "eosFound" else []
         for index, piece in enumerate(fragments):
             if channel.cancelled.is_set():
                 stop_reason = "userStopped"
@@ -724,10 +753,35 @@ class Session:
         })
         await self.send({"type": "channelClose", "channelId": channel_id})
 
-    async def pause(self, channel: Channel) -> None:
-        """Wait between fragments; a cancel cuts the wait short."""
+    async def think(
+        self, channel_id: int, channel: Channel, reasoning: str, parts: int, token_limit: int | None
+    ) -> tuple[str, int]:
+        """Send `<think>`, the reasoning in `parts` fragments, `</think>`; return the stop reason so far ("eosFound"
+        to go on with the reply) and the tokens spent, which count against maxTokens as a real model's do."""
+        delay = self.double.settings.reasoning_delay_s
+        pieces = [("<think>", "reasoningStartTag")]
+        pieces += [(piece, "reasoning") for piece in split_fragments(reasoning, parts)]
+        pieces.append(("</think>", "reasoningEndTag"))
+        sent = 0
+        for piece, reasoning_type in pieces:
+            if channel.cancelled.is_set():
+                return "userStopped", sent
+            tokens = count_tokens(piece)
+            if token_limit is not None and sent + tokens > token_limit:
+                return "maxPredictedTokensReached", sent
+            sent += tokens
+            fragment = {"content": piece, "tokensCount": tokens, "containsDrafted": False, "reasoningType": reasoning_type}
+            await self.channel_send(channel_id, {"type": "fragment", "fragment": fragment})
+            await self.pause(channel, delay)
+        return "eosFound", sent
+
+    async def pause(self, channel: Channel, delay_s: float | None = None) -> None:
+        """Wait between fragments (`fragment_delay_s` unless told); a cancel cuts the wait short."""
+        delay_s = self.double.settings.fragment_delay_s if delay_s is None else delay_s
+        if delay_s <= 0:
+            return
         try:
-            await asyncio.wait_for(channel.cancelled.wait(), self.double.settings.fragment_delay_s)
+            await asyncio.wait_for(channel.cancelled.wait(), delay_s)
         except asyncio.TimeoutError:
             pass
 

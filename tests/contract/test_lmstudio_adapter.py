@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from backends.lmstudio import LmsDownloadedModel, LmsInstance, LmStudioAdapter, merge_same_role
-from mai.sim.lmstudio_server import GUARDRAIL_TEXT, reply_for
-from messages.chat import ChatMessage
+from mai.sim.lmstudio_server import GUARDRAIL_TEXT, reasoning_for, reply_for
+from messages.chat import ChatMessage, FragmentKind
 from messages.errors import (
     BackendUnavailable,
     Cancelled,
@@ -38,6 +38,11 @@ HISTORY = [
     ChatMessage("user", "Remember that."),
     ChatMessage("user", "What is my cat called?"),
 ]
+
+
+def text_of(fragments) -> str:
+    """The reply: the CONTENT fragments joined (reasoning is not part of it)."""
+    return "".join(f.text for f in fragments if f.kind is FragmentKind.CONTENT)
 
 
 def expected_reply(identifier: str, history: list[ChatMessage]) -> str:
@@ -101,6 +106,20 @@ def test_probe_and_calls_raise_backend_unavailable_when_nothing_listens():
     assert caught.value.details["host"] == host
     assert str(caught.value).count("not reachable") == 1  # `mai status` says it once, with the URL tried
     adapter.close()
+
+
+def test_a_host_that_does_not_answer_says_how_to_start_lm_studios_server():
+    host = f"127.0.0.1:{free_port()}"
+    adapter = LmStudioAdapter(host)
+    try:
+        for call in (adapter.probe, adapter.list_downloaded, adapter.list_loaded):
+            with pytest.raises(BackendUnavailable) as caught:
+                call()
+            assert str(caught.value).startswith(
+                f"LM Studio at {host} is not serving: start its server with `lms server start`, or in LM Studio's "
+                "Developer tab (Status: Running)")
+    finally:
+        adapter.close()
 
 
 @pytest.mark.parametrize(
@@ -255,9 +274,9 @@ def test_a_silent_load_times_out_and_the_next_call_works(double):
 def test_chat_stream_replays_the_whole_history_with_consecutive_messages_merged(double, adapter, loaded):
     fragments = list(adapter.chat_stream(loaded, HISTORY, max_tokens=256, temperature=0.2))
 
-    assert len(fragments) > 1
-    assert "".join(fragments) == expected_reply(loaded, HISTORY)
-    assert "messages=4 " in "".join(fragments)  # the two trailing user messages became one
+    assert len(fragments) > 1 and {f.kind for f in fragments} == {FragmentKind.CONTENT}
+    assert text_of(fragments) == expected_reply(loaded, HISTORY)
+    assert "messages=4 " in text_of(fragments)  # the two trailing user messages became one
     [create] = double.frames(type="channelCreate", endpoint="predict")
     param = create["creationParameter"]
     assert param["modelSpecifier"] == {"type": "query", "query": {"identifier": loaded}}
@@ -269,19 +288,76 @@ def test_chat_stream_replays_the_whole_history_with_consecutive_messages_merged(
     assert {"key": "llm.prediction.temperature", "value": 0.2} in fields
 
 
+def test_reasoning_fragments_are_tagged_and_never_part_of_the_reply(double, adapter, loaded):
+    double.configure(reasoning={QWEN3: 4})
+    fragments = list(adapter.chat_stream(loaded, HISTORY))
+
+    reasoning = [f for f in fragments if f.kind is FragmentKind.REASONING]
+    assert len(reasoning) == 4
+    assert "".join(f.text for f in reasoning) == reasoning_for(loaded, [(m.role, m.content) for m in merge_same_role(HISTORY)])
+    assert fragments.index(reasoning[-1]) < min(i for i, f in enumerate(fragments) if f.kind is FragmentKind.CONTENT)
+    assert text_of(fragments) == expected_reply(loaded, HISTORY)  # no reasoning, no <think> tags in the reply
+    assert not any("<think>" in f.text or "</think>" in f.text for f in fragments)
+
+
+def test_a_long_thinking_stream_does_not_trip_the_silence_limit(double):
+    # Each gap (0.3 s) is longer than a request's limit, the whole thinking (~3 s) longer than the silence limit.
+    double.configure(reasoning={QWEN3: 8}, reasoning_delay_s=0.3)
+    adapter = LmStudioAdapter(double.host, request_timeout_s=0.2, load_timeout_s=1.5)
+    try:
+        adapter.load(QWEN3, "mai-thinker", context_length=4096)
+        began = time.monotonic()
+        fragments = []
+        for fragment in adapter.chat_stream("mai-thinker", HISTORY):
+            fragments.append(fragment)
+            if len(fragments) == 2:
+                assert [i.identifier for i in adapter.list_loaded()] == ["mai-thinker"]  # sets its own limit
+        assert time.monotonic() - began > 1.5
+        assert sum(f.kind is FragmentKind.REASONING for f in fragments) == 8
+        assert text_of(fragments) == expected_reply("mai-thinker", HISTORY)
+    finally:
+        adapter.close()
+
+
+def test_a_silence_before_the_first_fragment_is_allowed_up_to_the_load_timeout(double):
+    adapter = LmStudioAdapter(double.host, request_timeout_s=0.2, load_timeout_s=1.0)
+    try:
+        adapter.load(QWEN3, "mai-queued", context_length=4096)
+        double.configure(first_fragment_delay_s=0.5)  # waits behind another prediction: longer than a request
+        assert text_of(adapter.chat_stream("mai-queued", HISTORY)) == expected_reply("mai-queued", HISTORY)
+        double.configure(first_fragment_delay_s=2.5)
+        with pytest.raises(OperationTimeout, match="went silent for 1.0 s during chat mai-queued"):
+            list(adapter.chat_stream("mai-queued", HISTORY))
+        double.configure(first_fragment_delay_s=0.0)
+        assert text_of(adapter.chat_stream("mai-queued", HISTORY)) == expected_reply("mai-queued", HISTORY)
+    finally:
+        adapter.close()
+
+
+def test_cancel_while_the_model_thinks_stops_it_before_any_reply(double, adapter, loaded):
+    double.configure(reasoning={QWEN3: 6}, reasoning_delay_s=0.2)
+    cancel = threading.Event()
+    received = []
+    with pytest.raises(Cancelled):
+        for fragment in adapter.chat_stream(loaded, HISTORY, cancel=cancel):
+            received.append(fragment)
+            cancel.set()
+    assert [f.kind for f in received] == [FragmentKind.REASONING]
+
+
 def test_consecutive_assistant_and_system_messages_are_merged_not_refused(adapter, loaded):
     history = [ChatMessage("system", "a"), ChatMessage("system", "b"), ChatMessage("user", "hi"),
                ChatMessage("assistant", "x"), ChatMessage("assistant", "y"), ChatMessage("user", "again")]
-    assert "".join(adapter.chat_stream(loaded, history)) == expected_reply(loaded, history)
+    assert text_of(adapter.chat_stream(loaded, history)) == expected_reply(loaded, history)
 
 
 def test_a_different_history_gives_a_different_answer(adapter, loaded):
     other = HISTORY[:1] + [ChatMessage("user", "My cat is called Miso.")] + HISTORY[2:]
-    assert "".join(adapter.chat_stream(loaded, other)) != "".join(adapter.chat_stream(loaded, HISTORY))
+    assert text_of(adapter.chat_stream(loaded, other)) != text_of(adapter.chat_stream(loaded, HISTORY))
 
 
 def test_max_tokens_truncates_the_reply(adapter, loaded):
-    text = "".join(adapter.chat_stream(loaded, HISTORY, max_tokens=5))
+    text = text_of(adapter.chat_stream(loaded, HISTORY, max_tokens=5))
     full = expected_reply(loaded, HISTORY)
     assert text and full.startswith(text) and len(text) < len(full)
 
@@ -332,7 +408,7 @@ def test_abandoning_the_stream_cancels_it_on_the_server(double, adapter, loaded)
     assert wait_for(lambda: double.frames(type="channelSend")) == [
         {"type": "channelSend", "channelId": channel, "message": {"type": "cancel"}}
     ]
-    assert "".join(adapter.chat_stream(loaded, HISTORY)) == expected_reply(loaded, HISTORY)  # same client still fine
+    assert text_of(adapter.chat_stream(loaded, HISTORY)) == expected_reply(loaded, HISTORY)  # same client still fine
 
 
 @pytest.mark.parametrize("midstream", ["error", "channelError", "close", "failed"])
@@ -343,7 +419,7 @@ def test_a_mid_stream_failure_is_prediction_failed(double, adapter, loaded, mids
         for piece in adapter.chat_stream(loaded, HISTORY):
             received.append(piece)
     assert received  # it did fail mid-stream
-    assert "".join(adapter.chat_stream(loaded, HISTORY)) == expected_reply(loaded, HISTORY)
+    assert text_of(adapter.chat_stream(loaded, HISTORY)) == expected_reply(loaded, HISTORY)
 
 
 def test_model_unloaded_mid_stream_is_prediction_failed(double, adapter, loaded):
@@ -359,7 +435,7 @@ def test_an_abrupt_disconnect_is_connection_lost_and_the_next_call_uses_a_new_cl
     with pytest.raises(ConnectionLost, match=double.host):
         list(adapter.chat_stream(loaded, HISTORY))
     assert [i.identifier for i in adapter.list_loaded()] == [loaded]
-    assert "".join(adapter.chat_stream(loaded, HISTORY)) == expected_reply(loaded, HISTORY)
+    assert text_of(adapter.chat_stream(loaded, HISTORY)) == expected_reply(loaded, HISTORY)
     auth_conns = {e["conn"] for e in double.log() if "authVersion" in e["frame"] and e["ns"] == "llm"}
     assert len(auth_conns) == 2  # one socket before the drop, one after
 
@@ -411,7 +487,7 @@ def test_server_death_then_restart(tmp_path: Path):
             adapter.probe()
             assert adapter.list_loaded() == []  # a fresh server: nothing survived the crash
             assert adapter.load("tiny-chat", "mai-tiny", context_length=1024).identifier == "mai-tiny"
-            assert "".join(adapter.chat_stream("mai-tiny", HISTORY)) == expected_reply("mai-tiny", HISTORY)
+            assert text_of(adapter.chat_stream("mai-tiny", HISTORY)) == expected_reply("mai-tiny", HISTORY)
         finally:
             adapter.close()
 

@@ -30,6 +30,7 @@ from hypothesis import HealthCheck, assume, example, given, settings, strategies
 import messages
 from config import ConfigError, load_config
 from messages.base import revalidate
+from messages.chat import FragmentKind
 from messages.errors import InvalidRequest, Reason
 from messages.resources import VramSnapshot
 from messages.failure import Failure
@@ -116,6 +117,7 @@ VALID: dict[str, dict[str, Any]] = {
     "ReleaseLease": dict(request_id="r1", lease_id="l1"),
     "Reobserve": dict(request_id="r1"),
     "ReplyChunk": dict(request_id="r1", seq=0, text="hel", restart=False),
+    "ReplyFragment": dict(text="hmm, the user", kind=FragmentKind.REASONING),
     "ReplyDone": dict(request_id="r1", model="qwen", content="hello", status="complete", tokens_per_s=None,
                       switches=()),
     "ResourceChanged": dict(snapshot=SNAPSHOT, delta_used_bytes=2**20, at=1.0),
