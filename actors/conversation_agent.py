@@ -7,6 +7,7 @@ the gate's grant, load → stream in batches (a 1 ms wakeup per batch, so a Canc
 from __future__ import annotations
 
 import datetime
+import json
 import threading
 import time
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from actors.base import MaiActor
 from bootstrap.paths import under_state_dir
 from mai.core.chat_policy import Availability, Candidate, ChatPolicy
 from mai.core.context import fit_to_window
+from mai.core.footprints import FOOTPRINTS_FILE, footprint_key, parse_footprints
 from messages.base import new_request_id
 from messages.chat import ChatMessage, FragmentKind, ReplyFragment
 from messages.conversation import (
@@ -44,7 +46,7 @@ from messages.conversation import (
     UserTurn,
 )
 from messages.errors import Busy, InvalidRequest, MaiError, NoModelAvailable, OperationTimeout, Reason
-from messages.events import ModelSwitched
+from messages.events import FootprintMeasured, ModelSwitched
 from messages.failure import Failure
 from messages.steps import PartHealth, Reobserve, StepFailed
 from messages.system import Init
@@ -92,6 +94,7 @@ class ConversationAgent(MaiActor):
         self.turn: _Turn | None = None
         self.availability = Availability(frozenset(), None)
         self.pending_yield: ChatYield | None = None
+        self.measured: set[str] = set()  # chat models whose footprint was measured (at their context window)
 
     # --- start and reconcile --------------------------------------------------------------------------------------
     def on_init(self, init: Init) -> None:
@@ -104,7 +107,10 @@ class ConversationAgent(MaiActor):
             interrupted = self.store.mark_interrupted(time.time())
             self.conversation_id = self.store.current_conversation() or self.store.new_conversation(cfg.chat.system_prompt, time.time())
             self.log.info("chat.history", conversation=self.conversation_id, interrupted_replies=interrupted)
-        chain = [Candidate.from_spec(cfg.model(key)) for key in cfg.roles[cfg.chat.role]]
+        specs = [cfg.model(key) for key in cfg.roles[cfg.chat.role]]
+        measured = self._measured_footprints(cfg)
+        chain = [Candidate.from_spec(spec, measured.get(footprint_key(spec.key, spec.context_window))) for spec in specs]
+        self.measured = {c.key for c in chain if footprint_key(c.key, c.context_window) in measured}
         c = cfg.chat
         self.policy = ChatPolicy(chain, cooldown_s=c.cooldown_s, hysteresis_s=c.switch_hysteresis_s, max_retries=c.max_retries,
                                  retry_backoff_s=c.retry_backoff_s, min_tokens_per_s=c.min_tokens_per_s)
@@ -116,6 +122,29 @@ class ConversationAgent(MaiActor):
             self.current = adopted
             self._tell_coordinator(ModelSwitched(None, adopted.key, "found loaded after a restart"))
             self.log.info("chat.adopted", model=adopted.key)
+
+    @staticmethod
+    def _measured_footprints(cfg: Any) -> dict[str, int]:
+        """What the coordinator measured and persisted (`model@context` -> bytes); a damaged file costs only the
+        measurements, which the next loads take again."""
+        try:
+            raw = json.loads(under_state_dir(cfg, FOOTPRINTS_FILE).read_text())
+        except (OSError, ValueError):
+            return {}
+        return parse_footprints(raw)[0]
+
+    def receiveMsg_FootprintMeasured(self, msg: FootprintMeasured, sender: Any) -> None:
+        """The gate measured a model's VRAM across its load (at the context it was loaded with): choose by that."""
+        if msg.part != "chat" or msg.nbytes <= 0:
+            return
+        for cand in self.policy.chain if self.policy is not None else ():
+            if cand.key == msg.model and cand.context_window == msg.context_length:
+                self.policy.learn_footprint(cand.key, msg.nbytes)
+                self.measured.add(cand.key)
+                if self.current is not None and self.current.key == cand.key:
+                    self.current = self.policy.candidate(cand.key)
+                self.log.info("chat.footprint_measured", model=cand.key, context_length=msg.context_length,
+                              nbytes=msg.nbytes, reason="vram_delta")
 
     def receiveMsg_Reobserve(self, msg: Reobserve, sender: Any) -> None:
         """A restarted coordinator asks what we hold: it counts the chat model's VRAM and may ask it to yield.
@@ -138,7 +167,8 @@ class ConversationAgent(MaiActor):
             self._tell_coordinator(GetGrantable(turn.request.request_id))
         elif turn.phase == "grant":
             self._tell_coordinator(ChatNeeds(turn.step_id, turn.model.key, turn.model.footprint_bytes,
-                                             timeout_s=max(1.0, turn.deadline - time.time())))
+                                             timeout_s=max(1.0, turn.deadline - time.time()),
+                                             context_length=turn.model.context_window))
 
     def _refresh_availability(self) -> None:
         self.availability = self.backends.availability()
@@ -194,7 +224,9 @@ class ConversationAgent(MaiActor):
             return
         turn.phase, turn.model, turn.step_id = "grant", candidate, new_request_id()
         self.log.info("chat.choose", model=candidate.key, reason=choice.reason, grantable=grantable)
-        self._tell_coordinator(ChatNeeds(turn.step_id, candidate.key, candidate.footprint_bytes, timeout_s=max(1.0, turn.deadline - time.time())))
+        self._tell_coordinator(ChatNeeds(turn.step_id, candidate.key, candidate.footprint_bytes,
+                                         timeout_s=max(1.0, turn.deadline - time.time()),
+                                         context_length=candidate.context_window))
 
     def receiveMsg_Failure(self, msg: Failure, sender: Any) -> None:
         turn = self.turn
@@ -224,9 +256,10 @@ class ConversationAgent(MaiActor):
             self.send(sender, StepFailed(msg.step_id, Failure.from_error(msg.step_id, err)))
             self._model_failed(candidate, err)
             return
-        self.send(sender, ChatLoaded(msg.step_id, candidate.key, vram, time.monotonic() - began))
-        if vram:
-            self.policy.learn_footprint(candidate.key, vram)
+        # What the backend reports is no footprint (LM Studio: the file's size; Ollama: no CUDA context): the gate
+        # counts at least the footprint it granted, and measures the real one from the VRAM readings around the load.
+        self.send(sender, ChatLoaded(msg.step_id, candidate.key, max(vram, candidate.footprint_bytes),
+                                     time.monotonic() - began))
         self._switched(previous, candidate, "chosen for the resources available" if previous is None else f"switched from {previous.key}")
         self._start_stream()
 
@@ -437,11 +470,10 @@ class ConversationAgent(MaiActor):
             why = dict(choice.rejected)
             rows = []
             for cand in self.policy.chain:
-                spec = self.config.model(cand.key)
                 available = cand.backend in self.availability.reachable_backends and (
                     self.availability.installed is None or cand.key in self.availability.installed)
                 rows.append(ModelRow(cand.key, cand.backend, cand.tier, cand.context_window, cand.footprint_bytes,
-                                     cand.footprint_bytes != spec.footprint_mb * 2**20, available, cand.key in loaded,
+                                     cand.key in self.measured, available, cand.key in loaded,
                                      self.current is not None and self.current.key == cand.key, self.pinned == cand.key,
                                      "" if cand.key == choice.key else why.get(cand.key, "")))
             self.send(sender, ModelList(msg.request_id, tuple(rows), self.current.key if self.current else None, self.pinned))

@@ -173,8 +173,12 @@ def status_text(data: dict) -> str:
         clip = gpu["clip"]
         model = clip["model"] or data["config"].get("clip", {}).get("model", "CLIP")
         lines.append(f"clip       {model} on {clip['device']}, {_mib(clip['footprint_bytes'])}"
+                     f"{' (measured)' if clip.get('footprint_learned') else ' (declared)'}"
                      + ("" if clip["ready"] else " (not ready: the model is still being created, see the log)"))
-        lines.append(f"chat       {gpu.get('chat_model') or '-'}")
+        chat_fp = gpu.get("chat_footprint_bytes") or 0
+        lines.append(f"chat       {gpu.get('chat_model') or '-'}" + (
+            f", footprint {_mib(chat_fp)}{' (measured)' if gpu.get('chat_footprint_learned') else ' (declared)'}"
+            if gpu.get("chat_model") and chat_fp else ""))
         if gpu.get("step_in_flight") or gpu.get("plan"):
             lines.append(f"plan       now: {gpu.get('step_in_flight') or '-'}; next: {', '.join(gpu['plan']) or '-'}")
         for part in gpu.get("degraded", []):
