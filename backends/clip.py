@@ -8,6 +8,11 @@ The model built at construction stays on the CPU for the adapter's whole life: i
 source of every GPU copy. Moving to the GPU copies from it (pinned once, then reused); moving back drops the GPU
 copy and hands its blocks back to the driver, with no device-to-host copy (clip-torch-nvml.md §6).
 
+Memory as torch really spends it (real-servers.md T1-T6): the master's tensors become views of ONE flat host buffer,
+page-locked in place with cudaHostRegister at its exact size (torch's pinned allocator rounds every block, the
+flat one too, up to a power of two: 577 MiB of ViT-B-32 would lock 1 GiB); the release path frees the cuBLAS
+workspaces that `empty_cache()` keeps; bf16 is refused on GPUs without it; cuBLAS/cuDNN ALLOC_FAILED is OOM.
+
 Import this module only inside the process that will run CLIP: importing torch costs seconds, and the first CUDA
 call creates a context that lives until that process exits.
 """
@@ -23,6 +28,7 @@ import os
 import sys
 import threading
 import time
+import weakref
 from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
@@ -53,6 +59,14 @@ _NAME_SCHEMES = ("hf-hub:", "local-dir:")
 
 # Images and texts go through the model this many at a time, so a large request cannot exhaust VRAM on its own.
 _BATCH_SIZE = 32
+
+# Each view in the flat master buffer starts on this boundary: aligned for every dtype and for vectorised copies.
+_VIEW_ALIGN_BYTES = 64
+
+# Texts of allocation failures that are out-of-memory without saying so (cuBLAS, cuDNN under pressure; T6).
+_OOM_TEXTS = ("out of memory", "ALLOC_FAILED")
+
+SHM_DIR = "/dev/shm"
 
 
 class OpenClipAdapter:
@@ -87,6 +101,7 @@ class OpenClipAdapter:
         self._gpu_model: torch.nn.Module | None = None
         self._master_pinned = False
         self._footprint_bytes = _tensor_bytes(self._master, self._gpu_dtype)
+        self.measured_move_bytes: int | None = None  # device memory the last to_gpu took, when a reader was given
         self._embedding_dim = _embedding_dim(model_name, self._master, self._tokenizer)
 
     # ------------------------------------------------------------------ facts
@@ -113,13 +128,36 @@ class OpenClipAdapter:
         """Bytes held by live CUDA tensors in this process; 0 when CUDA was never used (and it stays unused)."""
         return int(torch.cuda.memory_allocated()) if torch.cuda.is_initialized() else 0
 
+    @staticmethod
+    def cuda_device_uuids() -> list[str]:
+        """The UUID of each CUDA device, in CUDA's numbering (matched against NVML's to find Mai's GPU, N5).
+        NoGpu when torch has no usable CUDA."""
+        unavailable = _cuda_unavailable_reason(0)
+        if unavailable is not None:
+            raise NoGpu(f"no CUDA device: {unavailable}", details={"cause": unavailable})
+        return [str(torch.cuda.get_device_properties(i).uuid) for i in range(torch.cuda.device_count())]
+
+    @staticmethod
+    def cuda_memory(device_index: int) -> tuple[int, int, str]:
+        """(free, total, name) of one CUDA device, device-wide, by `torch.cuda.mem_get_info`: the reading where NVML
+        is missing (N3). Creates this process's CUDA context if none exists (~0.3 GB, until exit)."""
+        unavailable = _cuda_unavailable_reason(device_index)
+        if unavailable is not None:
+            raise NoGpu(f"cannot read cuda:{device_index}: {unavailable}", details={"cause": unavailable})
+        free, total = torch.cuda.mem_get_info(device_index)
+        return int(free), int(total), torch.cuda.get_device_name(device_index)
+
     # ------------------------------------------------------------------ moves
 
-    def to_gpu(self, device_index: int = 0) -> float:
+    def to_gpu(self, device_index: int = 0, free_bytes: Callable[[], int] | None = None) -> float:
         """Copy the CPU master onto `cuda:<device_index>` at the GPU precision; returns the seconds it took.
 
-        Idempotent. Raises NoGpu when torch sees no usable CUDA device, OutOfMemory when the copy does not fit
-        (the partial copy is released first)."""
+        `free_bytes` reads the device's free memory (NVML, which creates no context); read before and after the
+        move, its fall is `measured_move_bytes`: on the first move that includes the CUDA context and workspaces,
+        which parameter bytes leave out (T3, T4).
+
+        Idempotent. Raises NoGpu when torch sees no usable CUDA device, InvalidRequest for bf16 on a GPU without
+        it (T5), OutOfMemory when the copy does not fit (the partial copy is released first)."""
         started = time.perf_counter()
         target = f"cuda:{device_index}"
         if self._gpu_model is not None:
@@ -133,6 +171,15 @@ class OpenClipAdapter:
                 details={"cause": unavailable, "device_index": device_index},
             )
         device = torch.device("cuda", device_index)
+        if self._gpu_dtype == torch.bfloat16 and not _bf16_supported(device):
+            name = torch.cuda.get_device_name(device)
+            capability = "%d.%d" % torch.cuda.get_device_capability(device)
+            raise InvalidRequest(
+                f"clip.precision bf16 needs compute capability >= 8.0; {name} (cuda:{device_index}) has {capability}: "
+                "use fp16 or fp32",
+                details={"precision": "bf16", "device_name": name, "compute_capability": capability},
+            )
+        free_before = free_bytes() if free_bytes is not None else None
         if self._gpu_dtype == torch.float32:
             # cuDNN runs convolutions in TF32 by default (~1e-3 error); fp32 should mean fp32 so CPU and GPU
             # vectors can share one index.
@@ -154,6 +201,8 @@ class OpenClipAdapter:
                 f"cannot move CLIP {self.model_name!r} to {target} ({self._footprint_bytes} bytes): {cause}",
                 details={"cause": cause, "needed_bytes": self._footprint_bytes, "device_index": device_index},
             )
+        if free_before is not None and free_bytes is not None:
+            self.measured_move_bytes = max(0, free_before - free_bytes())
         return time.perf_counter() - started
 
     def to_cpu(self) -> float:
@@ -245,25 +294,85 @@ class OpenClipAdapter:
         return out
 
     def _pin_master(self) -> None:
-        """Page-lock the CPU master once, so every later CPU→GPU copy is a fast DMA (pinning per move is slower)."""
+        """Page-lock the CPU master once, so every later CPU→GPU copy is a fast DMA (pinning per move is slower).
+
+        One flat buffer registered in place, never `pin_memory()` per tensor or on the flat buffer: torch's pinned
+        allocator rounds each block up to a power of two (T1). Unpinned when registering fails: ~0.6 GB from
+        pageable memory costs tens of milliseconds more per move."""
         if self._master_pinned:
             return
-        try:
-            for tensor in itertools.chain(self._master.parameters(), self._master.buffers()):
-                tensor.data = tensor.data.pin_memory()
-        except RuntimeError as exc:  # pinning is an optimisation: pageable copies still work
-            log.warning("clip.pin_failed", reason=_first_line(exc))
         self._master_pinned = True
+        buffer = flatten_into_one_buffer(self._master)
+        registered = _register_host_memory(buffer)
+        log.info("clip.master_flattened", nbytes=buffer.numel(), pinned=registered is None,
+                 reason=registered or "one page-locked buffer, the parameters as views")
+        if registered is None:
+            # Unregister before the buffer's memory goes back to the allocator (the adapter lives as long as its
+            # process, so this runs at exit, or when a test drops the adapter).
+            weakref.finalize(self, _unregister_host_memory, buffer.data_ptr())
 
     @staticmethod
     def _release_cuda_memory() -> None:
-        """The release sequence of clip-torch-nvml.md §6, run after the last reference to CUDA tensors is gone."""
+        """The release sequence of clip-torch-nvml.md §6, run after the last reference to CUDA tensors is gone.
+        cuBLAS/cuBLASLt workspaces survive `empty_cache()` (tens of MiB after the first matmul, T2): cleared first."""
         if not torch.cuda.is_initialized():
             return
         gc.collect()  # reference cycles keep tensors alive
         torch.cuda.synchronize()
+        if hasattr(torch._C, "_cuda_clearCublasWorkspaces"):  # private API: present since torch 1.13
+            torch._C._cuda_clearCublasWorkspaces()
         torch.cuda.empty_cache()
         torch.cuda.ipc_collect()
+
+
+def flat_layout(tensors: Sequence[torch.Tensor], align: int = _VIEW_ALIGN_BYTES) -> tuple[list[int], int]:
+    """Byte offsets of each tensor in one flat buffer (each on an `align` boundary), and the buffer's size."""
+    offsets, end = [], 0
+    for tensor in tensors:
+        start = -(-end // align) * align
+        offsets.append(start)
+        end = start + tensor.numel() * tensor.element_size()
+    return offsets, end
+
+
+def flatten_into_one_buffer(model: torch.nn.Module) -> torch.Tensor:
+    """Move every parameter and buffer of `model` into one flat uint8 host buffer, each becoming a view of it with
+    its own dtype, shape and values; returns the buffer. Shared tensors stay shared (each is laid out once)."""
+    unique: dict[int, torch.Tensor] = {}
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        unique.setdefault(id(tensor), tensor)
+    tensors = list(unique.values())
+    offsets, size = flat_layout([t.data for t in tensors])
+    buffer = torch.empty(size, dtype=torch.uint8)
+    for tensor, offset in zip(tensors, offsets):
+        data = tensor.data.contiguous()
+        view = buffer[offset: offset + data.numel() * data.element_size()].view(data.dtype).view(data.shape)
+        view.copy_(data)
+        tensor.data = view  # the old storage is freed here, one tensor at a time: RAM peaks at about 1x, not 2x
+    return buffer
+
+
+def _register_host_memory(buffer: torch.Tensor) -> str | None:
+    """Page-lock `buffer` in place at its exact size (cudaHostRegister); None on success, else why not."""
+    if not torch.cuda.is_available():
+        return "CUDA unavailable: the master stays in pageable memory"
+    code = int(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel(), 0))
+    return None if code == 0 else f"cudaHostRegister failed with cudaError {code}: the master stays pageable"
+
+
+def _unregister_host_memory(pointer: int) -> None:
+    if torch.cuda.is_available():
+        torch.cuda.cudart().cudaHostUnregister(pointer)
+
+
+def shm_free_bytes(directory: str = SHM_DIR) -> int | None:
+    """Free bytes of the shared-memory file system (64 MiB in a default Docker container; S1), None where there is
+    no such directory (Windows, macOS: shared memory is not a file system there)."""
+    try:
+        stats = os.statvfs(directory)
+    except (OSError, AttributeError):  # AttributeError: os.statvfs does not exist on Windows
+        return None
+    return stats.f_bavail * stats.f_frsize
 
 
 def write_images_to_shm(arrays: numpy.ndarray | Sequence[numpy.ndarray]) -> tuple[SharedMemory, tuple[int, int, int, int]]:
@@ -286,6 +395,14 @@ def write_images_to_shm(arrays: numpy.ndarray | Sequence[numpy.ndarray]) -> tupl
     if batch.dtype != numpy.uint8:
         raise InvalidRequest(f"images must be uint8 RGB, got dtype {batch.dtype}", details={"dtype": str(batch.dtype)})
     shape = _check_image_batch_shape(batch.shape)
+    free = shm_free_bytes()
+    if free is not None and batch.nbytes > free:
+        # SharedMemory(create=True) only reserves: writing past the file system's space is SIGBUS, not an error.
+        raise OutOfMemory(
+            f"{SHM_DIR} has {free} bytes free; {shape[0]} images need {batch.nbytes}: send fewer images at a time, "
+            "file paths, or give the container more (docker run --shm-size=1g)",
+            details={"free_bytes": free, "needed_bytes": batch.nbytes, "directory": SHM_DIR},
+        )
     block = SharedMemory(create=True, size=batch.nbytes)
     view = numpy.ndarray(shape, numpy.uint8, buffer=block.buf)
     view[...] = batch
@@ -383,13 +500,18 @@ def _check_pretrained(model_name: str, pretrained: str | None) -> None:
     if os.path.isfile(pretrained):
         return
     tags = open_clip.list_pretrained_tags_by_model(model_name)
-    if pretrained.lower() in (tag.lower() for tag in tags):
+    if _tag_key(pretrained) in (_tag_key(tag) for tag in tags):
         return
     raise InvalidRequest(
         f"pretrained {pretrained!r} is neither a weights tag of {model_name!r} nor a checkpoint file; "
         f"tags: {', '.join(tags) or 'none (use pretrained=None or a local checkpoint)'}",
         details={"model_name": model_name, "pretrained": pretrained, "known_tags": list(tags)},
     )
+
+
+def _tag_key(tag: str) -> str:
+    """open_clip's own normalisation of pretrained tags (pretrained.py, T8): `laion2b-s34b-b79k` is valid."""
+    return tag.lower().replace("-", "_")
 
 
 def _create_on_cpu(
@@ -467,8 +589,20 @@ def _cuda_unavailable_reason(device_index: int) -> str | None:
     return None
 
 
+def _bf16_supported(device: torch.device) -> bool:
+    """Native bf16 (compute capability >= 8.0); torch's default also answers True for emulated bf16."""
+    with torch.cuda.device(device):
+        try:
+            return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+        except TypeError:  # torch before 2.3 has no including_emulation (and no emulation check)
+            return bool(torch.cuda.is_bf16_supported())
+
+
 def _runtime_error_kind(exc: RuntimeError, otherwise: type[Exception]) -> type[Exception]:
-    out_of_memory = isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc)
+    """OutOfMemory for torch's OOM and for cuBLAS/cuDNN allocation failures (a plain RuntimeError, or
+    torch.AcceleratorError, saying CUBLAS_STATUS_ALLOC_FAILED / CUDNN_STATUS_ALLOC_FAILED; T6)."""
+    text = str(exc)
+    out_of_memory = isinstance(exc, torch.cuda.OutOfMemoryError) or any(t in text for t in _OOM_TEXTS)
     return OutOfMemory if out_of_memory else otherwise
 
 

@@ -15,6 +15,7 @@ from backends.clip import OpenClipAdapter
 from mai.sim.gpu_ledger import GpuLedger
 
 OWNER = "clip"
+SIM_GPU_UUID = "GPU-51a00000-0000-4000-8000-000000000000"
 
 
 class SimulatedGpuClip:
@@ -80,6 +81,16 @@ class SimulatedGpuClip:
 
     def gpu_memory_allocated(self) -> int:
         return self.footprint_bytes if self.on_gpu else 0
+
+    @staticmethod
+    def cuda_device_uuids() -> list[str]:
+        """One simulated CUDA device, in the form torch prints (no "GPU-" prefix)."""
+        return [SIM_GPU_UUID[4:]]
+
+    def cuda_memory(self, device_index: int) -> tuple[int, int, str]:
+        """Like `torch.cuda.mem_get_info`: device-wide, every holder of the ledger counted."""
+        snap = self.ledger.snapshot()
+        return snap.free_bytes, snap.total_bytes, snap.device_name
 
 
 def make_clip_adapter(cfg: Any, ledger_path: str) -> Any:

@@ -1,8 +1,10 @@
 """VRAM probes: the only module that imports pynvml (nvidia-ml-py) and psutil.
 
-In: a backend name ("nvml" or "simulated") and a device index. Out: `VramSnapshot`s, and Mai errors (never
-NVML's). `open_vram_probe` picks the probe: NVML on a real GPU; without one, host memory through psutil, with a
-sentence saying why, so status still has numbers and names its degradation.
+In: a backend name ("nvml" or "simulated") and a device (NVML index or GPU UUID). Out: `VramSnapshot`s naming the
+GPU by name and UUID, and Mai errors (never NVML's). `open_vram_probe` picks the probe: NVML on a real GPU; without
+one, host memory through psutil, with a sentence saying why, so status still has numbers and names its
+degradation. Whether an NVML failure is worth retrying is in `NoGpu.details["permanent"]`: only a missing NVML
+library is (real-servers.md N4); the sampler retries the rest with backoff.
 
 NVML creates no CUDA context, so a probe is safe in any process; this module never imports torch.
 """
@@ -26,9 +28,10 @@ BACKENDS = ("nvml", "simulated")
 
 _NVML_ERRORS = (pynvml.NVMLError, pynvml.NVMLLibraryMismatchError)  # the mismatch error is not an NVMLError
 
-# Why nvmlInit failed in this process, once known: a machine without the NVML library or driver does not grow
-# one while we run, so later probes fail fast and quietly instead of retrying the library lookup.
-_nvml_init_failure: str | None = None
+# Why nvmlInit failed for good in this process, once known: a machine without libnvidia-ml does not grow one while
+# we run, so later probes fail fast. Every other init failure (DriverNotLoaded at boot, LibRmVersionMismatch after a
+# driver upgrade) clears by itself and is retried (real-servers.md N4).
+_nvml_library_missing: str | None = None
 
 # Errors that mean "this driver has no v2 memory query", after which v1 is used for the probe's life.
 _NO_MEMORY_V2 = tuple(
@@ -52,32 +55,33 @@ class VramProbe(Protocol):
 
 
 class NvmlProbe:
-    """Device-wide memory of one NVIDIA GPU through NVML; `device_index` is NVML's (PCI bus) order."""
+    """Device-wide memory of one NVIDIA GPU through NVML. `device` is NVML's index (PCI bus order, which ignores
+    CUDA_VISIBLE_DEVICES) or the GPU's UUID ("GPU-..."), looked up with nvmlDeviceGetHandleByUUID (N5)."""
 
     source = "nvml"
 
-    def __init__(self, device_index: int = 0) -> None:
-        global _nvml_init_failure
-        self.device_index = device_index
+    def __init__(self, device: int | str = 0) -> None:
+        global _nvml_library_missing
+        self.device = device
         self._initialised = False
-        if _nvml_init_failure is not None:
-            raise _no_gpu(_nvml_init_failure, device_index)
+        if _nvml_library_missing is not None:
+            raise _no_gpu(_nvml_library_missing, device, permanent=True)
         try:
             pynvml.nvmlInit()
+        except pynvml.NVMLError_LibraryNotFound as exc:
+            _nvml_library_missing = _nvml_text(exc)
+            raise _no_gpu(_nvml_library_missing, device, permanent=True) from None
         except _NVML_ERRORS as exc:
-            _nvml_init_failure = _nvml_text(exc)
-            raise _no_gpu(_nvml_init_failure, device_index) from None
+            raise _no_gpu(_nvml_text(exc), device, permanent=False) from None
         self._initialised = True
         self._memory_v2 = True
         try:
-            count = pynvml.nvmlDeviceGetCount()
-            if not isinstance(device_index, int) or not 0 <= device_index < count:
-                raise _no_gpu(f"NVML device index {device_index!r} out of range: {count} device(s) present", device_index)
-            self._handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
+            self._handle = _device_handle(device)
             self.device_name = _as_text(pynvml.nvmlDeviceGetName(self._handle))
+            self.device_uuid = _as_text(pynvml.nvmlDeviceGetUUID(self._handle))
         except _NVML_ERRORS as exc:
             self.close()
-            raise _no_gpu(_nvml_text(exc), device_index) from None
+            raise _no_gpu(_nvml_text(exc), device, permanent=False) from None
         except BaseException:
             self.close()
             raise
@@ -85,14 +89,14 @@ class NvmlProbe:
     def snapshot(self) -> VramSnapshot:
         """Total/used/free as nvidia-smi shows them (memory info v2; v1 on drivers without it)."""
         if not self._initialised:
-            raise NoGpu(f"NVML probe for device {self.device_index} is closed", details={"cause": "closed"})
+            raise NoGpu(f"NVML probe for device {self.device!r} is closed", details={"cause": "closed"})
         try:
             info = self._memory_info()
-        except _NVML_ERRORS as exc:
+        except _NVML_ERRORS as exc:  # mid-run (GPU lost, driver reloaded): the sampler reopens with backoff
             cause = _nvml_text(exc)
             raise NoGpu(
-                f"NVML memory query failed on device {self.device_index}: {cause}",
-                details={"cause": cause, "device_index": self.device_index},
+                f"NVML memory query failed on device {self.device!r}: {cause}",
+                details={"cause": cause, "device": self.device, "permanent": False},
             ) from None
         return VramSnapshot(
             total_bytes=int(info.total),
@@ -101,6 +105,7 @@ class NvmlProbe:
             source=self.source,
             device_name=self.device_name,
             taken_at=time.time(),
+            device_uuid=self.device_uuid,
         )
 
     def close(self) -> None:
@@ -180,17 +185,18 @@ class SimulatedProbe:
 
 
 def open_vram_probe(
-    backend: str, device_index: int = 0, ledger_path: str | Path | None = None
-) -> tuple[VramProbe, str | None]:
-    """The probe for `backend`, and why it is degraded (None when it is not; the caller logs and reports it).
+    backend: str, device: int | str = 0, ledger_path: str | Path | None = None
+) -> tuple[VramProbe, NoGpu | None]:
+    """The probe for `backend`, and the NVML failure it stands in for (None when there is none; the caller decides
+    what to say and whether to retry, from `details["permanent"]`).
 
     "nvml" falls back to host memory through psutil when NVML cannot reach a GPU; "simulated" reads the ledger at
     `ledger_path`."""
     if backend == "nvml":
         try:
-            return NvmlProbe(device_index), None
+            return NvmlProbe(device), None
         except NoGpu as exc:
-            return PsutilProbe(), f"no GPU: {exc.details.get('cause', exc.message)}; using host memory via psutil"
+            return PsutilProbe(), exc
     if backend == "simulated":
         if ledger_path is None:
             raise InvalidRequest("the simulated VRAM backend needs ledger_path", details={"backend": backend})
@@ -249,8 +255,24 @@ def _read_int(path: Path) -> int | None:
     return int(text) if text.isdigit() else None  # "max" and anything odd: no limit
 
 
-def _no_gpu(cause: str, device_index: int) -> NoGpu:
-    return NoGpu(f"NVML unavailable: {cause}", details={"cause": cause, "device_index": device_index})
+def _device_handle(device: int | str):
+    """NVML's handle for an index (PCI order) or a UUID; a GPU that is not there is NoGpu naming those that are."""
+    if isinstance(device, str):
+        try:
+            return pynvml.nvmlDeviceGetHandleByUUID(device)
+        except (pynvml.NVMLError_NotFound, pynvml.NVMLError_InvalidArgument):
+            present = [_as_text(pynvml.nvmlDeviceGetUUID(pynvml.nvmlDeviceGetHandleByIndex(i)))
+                       for i in range(pynvml.nvmlDeviceGetCount())]
+            raise _no_gpu(f"no GPU with UUID {device}: NVML sees {', '.join(present) or 'none'}", device,
+                          permanent=False) from None
+    count = pynvml.nvmlDeviceGetCount()
+    if not isinstance(device, int) or isinstance(device, bool) or not 0 <= device < count:
+        raise _no_gpu(f"NVML device index {device!r} out of range: {count} device(s) present", device, permanent=False)
+    return pynvml.nvmlDeviceGetHandleByIndex(device)
+
+
+def _no_gpu(cause: str, device: int | str, *, permanent: bool) -> NoGpu:
+    return NoGpu(f"NVML unavailable: {cause}", details={"cause": cause, "device": device, "permanent": permanent})
 
 
 def _nvml_text(exc: BaseException) -> str:

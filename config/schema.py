@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
+from config.ollama_names import ACCEPTED as ACCEPTED_OLLAMA_NAME
+from config.ollama_names import parse_ollama_name
 from messages.errors import MaiError, Reason
 
 Parts = tuple[object, ...]  # a path into a raw tree: ("gpu", "reserve_mb") or ("models", 2, "backend")
@@ -310,6 +312,36 @@ class IpAddress:
         return value
 
 
+_GPU_UUID = re.compile(r"GPU-[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
+@dataclass(frozen=True)
+class GpuDevice:
+    """One physical GPU, named the way NVML and torch both can: an NVML index (PCI bus order) or the GPU's UUID as
+    `nvidia-smi -L` prints it. MIG slices (`MIG-...`) are refused: Mai samples the whole GPU's memory."""
+
+    accepted: str = (
+        "an integer >= 0 (the NVML index, PCI bus order) or a GPU UUID such as "
+        "GPU-5d1c2f0e-8a3b-4c1d-9e2f-0123456789ab (nvidia-smi -L); MIG slices are not supported"
+    )
+
+    def check(self, value: object) -> int | str:
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value < 0:
+                raise Rejected()
+            return value
+        if not isinstance(value, str):
+            raise Rejected()
+        text = value.strip()
+        if text.isdigit():
+            return int(text)
+        if _GPU_UUID.fullmatch(text):
+            return "GPU-" + text[4:].lower()
+        if _GPU_UUID.fullmatch("GPU-" + text):  # torch prints the UUID without NVML's prefix
+            raise Rejected("GPU-" + text.lower())
+        raise Rejected()
+
+
 @dataclass(frozen=True)
 class Capabilities:
     choices: tuple[str, ...] = ("chat", "vision", "tools", "embedding")
@@ -439,7 +471,7 @@ class GpuConfig:
     """Which GPU the sampler watches and how often; `simulated` replaces NVML with a ledger file for tests."""
 
     backend: str = setting(OneOf("nvml", "simulated"))
-    device_index: int = setting(Integer(0))
+    device: int | str = setting(GpuDevice())
     sample_interval_s: float = setting(Number(0, 60, exclusive_minimum=True))
     change_threshold_mb: int = setting(Integer(1))
     reserve_mb: int = setting(Integer(0))
@@ -447,12 +479,29 @@ class GpuConfig:
     simulated_ledger: Path = setting(Optional(FilePath()))  # null in YAML means <state_dir>/sim-gpu.sqlite
 
 
+OLLAMA_LOAD_LIMIT_S = 300  # Ollama's own load limit, OLLAMA_LOAD_TIMEOUT's default (envconfig/config.go)
+
+
+@dataclass(frozen=True)
+class OllamaModelName:
+    """A model name in any form Ollama accepts (`config.ollama_names`): checked here, matched as Ollama does."""
+
+    accepted: str = ACCEPTED_OLLAMA_NAME
+
+    def check(self, value: object) -> str:
+        try:
+            parse_ollama_name(value)
+        except MaiError:
+            raise Rejected() from None
+        return str(value).strip()
+
+
 @dataclass(frozen=True)
 class OllamaConfig:
     """The Ollama server that serves the VLM, and how patiently Mai talks to it."""
 
     host: str = setting(HttpUrl())
-    vlm_model: str = setting(Text())
+    vlm_model: str = setting(OllamaModelName())
     num_ctx: int = setting(Integer(256, 1_048_576))
     vlm_footprint_mb: int = setting(Integer(1))
     request_timeout_s: float = setting(_positive())
@@ -471,6 +520,13 @@ class OllamaConfig:
     @staticmethod
     def relations(values: Mapping[str, Any]) -> Iterator[Relation]:
         yield from _at_least(values, "probe_backoff_max_s", "probe_backoff_initial_s", "ollama")
+        load_timeout_s = values.get("load_timeout_s")
+        if load_timeout_s is not None and load_timeout_s < OLLAMA_LOAD_LIMIT_S:
+            yield "load_timeout_s", (
+                f"a number >= {OLLAMA_LOAD_LIMIT_S}: Ollama sends nothing until a load is done, aborts the load when "
+                f"Mai stops waiting, and allows a load {OLLAMA_LOAD_LIMIT_S} s itself (OLLAMA_LOAD_TIMEOUT), so a "
+                "shorter wait fails every slow cold load"
+            )
 
 
 @dataclass(frozen=True)
@@ -579,6 +635,14 @@ class ModelSpec:
     context_window: int = setting(Integer(256))
     footprint_mb: int = setting(Integer(1))
     capabilities: tuple[str, ...] = setting(Capabilities())
+
+    @staticmethod
+    def relations(values: Mapping[str, Any]) -> Iterator[Relation]:
+        if values.get("backend") == "ollama" and values.get("key") is not None:
+            try:
+                parse_ollama_name(values["key"])
+            except MaiError:
+                yield "key", ACCEPTED_OLLAMA_NAME + " (the backend is ollama)"
 
 
 SECTIONS: dict[str, type] = {

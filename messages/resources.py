@@ -6,13 +6,23 @@ from dataclasses import dataclass
 
 from messages.base import check_choice, check_instance, check_int, check_number, check_text
 
-VRAM_SOURCES = ("nvml", "psutil", "simulated")
+VRAM_SOURCES = ("nvml", "torch", "psutil", "simulated")
+
+SOURCE_TEXT = {
+    "nvml": "NVML",
+    "torch": "torch.cuda.mem_get_info in the CLIP process",  # NVML missing while CUDA works (containers)
+    "psutil": "host memory via psutil",
+    "simulated": "the simulated GPU ledger",
+}
+"""How each source is named to a human (status)."""
 
 
 @dataclass(frozen=True)
 class VramSnapshot:
-    """One reading of device memory. `source` says how it was read: NVML, psutil (no GPU: host RAM stands in,
-    and `gpu_present` is False) or the simulated GPU ledger used by tests and `mai demo`."""
+    """One reading of device memory. `source` says how it was read: NVML, `torch.cuda.mem_get_info` in the CLIP
+    process (a container without the NVML library still has CUDA), psutil (no GPU: host RAM stands in, and
+    `gpu_present` is False) or the simulated GPU ledger used by tests and `mai demo`. `device_uuid` names the
+    physical GPU ("GPU-..."; empty when there is none or the source cannot tell)."""
 
     total_bytes: int
     used_bytes: int
@@ -21,6 +31,7 @@ class VramSnapshot:
     device_name: str
     taken_at: float  # time.time() of the reading
     gpu_present: bool = True
+    device_uuid: str = ""
 
     def __post_init__(self) -> None:
         for name in ("total_bytes", "used_bytes", "free_bytes"):
@@ -29,7 +40,35 @@ class VramSnapshot:
         check_text(self, "device_name", allow_empty=True)
         check_number(self, "taken_at")
         check_instance(self, "gpu_present", bool)
+        check_text(self, "device_uuid", allow_empty=True, max_len=96)
 
     @property
     def used_fraction(self) -> float:
         return self.used_bytes / self.total_bytes if self.total_bytes else 0.0
+
+
+@dataclass(frozen=True)
+class ReadCudaMemory:
+    """Sampler → CLIP mover, while NVML is unusable: read the GPU's memory with `torch.cuda.mem_get_info` in the
+    process that already holds a CUDA context (a monitor must not create one of its own)."""
+
+    request_id: str
+
+    def __post_init__(self) -> None:
+        check_text(self, "request_id")
+
+
+@dataclass(frozen=True)
+class CudaMemory:
+    """CLIP mover → sampler: the reading (source "torch"), or None with the reason when CUDA is unusable too. Also
+    pushed after each move of CLIP, the moments the coordinator's next decision depends on."""
+
+    request_id: str
+    snapshot: VramSnapshot | None
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        check_text(self, "request_id")
+        if self.snapshot is not None:
+            check_instance(self, "snapshot", VramSnapshot)
+        check_text(self, "reason", allow_empty=True)

@@ -5,13 +5,18 @@ publication is news. Waits follow Ollama's own recovery rule: done when free mem
 expected bytes over the baseline, or at the deadline (answered incomplete, never left hanging). While one is
 pending the VRAM is read FIRST_POLL_S after the last reading, then twice as long each time up to the poll
 interval: VRAM usually comes back within a few hundred milliseconds of an unload, and a fixed 250 ms poll added
-half of that on average to every mode switch (a reading costs microseconds with NVML)."""
+half of that on average to every mode switch (a reading costs microseconds with NVML).
+
+Where the readings come from when NVML fails is decided here too (`NvmlRecovery`, `fallback_reason`): NVML is
+opened again with backoff unless its library is missing (real-servers.md N4), and meanwhile the CLIP process reads
+the GPU with torch (N3: containers with CUDA but no libnvidia-ml), or host memory stands in when CUDA fails too."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
+from mai.core.retry import Backoff
 from messages.events import ResourceChanged
 from messages.resources import VramSnapshot
 from messages.steps import VramRecovered, WaitVramFree
@@ -70,3 +75,39 @@ class SamplerCore:
     def next_poll(self) -> float | None:
         """When the pending waits want the next reading (None: no wait pending)."""
         return min((min(w.next_poll, w.deadline) for w in self.waits), default=None)
+
+
+@dataclass
+class NvmlRecovery:
+    """When to open NVML again after it failed at init or mid-run: `backoff` after the first failure, doubling.
+    A missing library is permanent (no retry); every other failure clears by itself (DriverNotLoaded at boot,
+    LibRmVersionMismatch after a driver upgrade, a GPU reset)."""
+
+    backoff: Backoff
+    failures: int = 0
+    next_at: float | None = None
+
+    def failed(self, now: float, permanent: bool) -> float | None:
+        """Record a failure; returns when to try again (None: never)."""
+        self.failures += 1
+        self.next_at = None if permanent else now + self.backoff.delay(self.failures + 1)
+        return self.next_at
+
+    def recovered(self) -> None:
+        self.failures, self.next_at = 0, None
+
+    def due(self, now: float) -> bool:
+        return self.next_at is not None and now >= self.next_at
+
+
+def fallback_reason(nvml_cause: str, permanent: bool, torch_reading: bool, cuda_cause: str | None) -> str:
+    """The degraded reason while NVML is unusable, naming where the readings come from instead:
+    1. the CLIP process reads the GPU with torch: a GPU is there, only NVML is missing;
+    2. CLIP says CUDA is unusable too: no GPU, host memory stands in;
+    3. CLIP has not answered yet."""
+    retry = "" if permanent else "; retrying NVML with backoff"
+    if torch_reading:  # (1)
+        return f"NVML unavailable ({nvml_cause}); VRAM read by torch.cuda.mem_get_info in the CLIP process{retry}"
+    if cuda_cause is not None:  # (2)
+        return f"no GPU: {nvml_cause}; CUDA: {cuda_cause}; using host memory via psutil{retry}"
+    return f"NVML unavailable ({nvml_cause}); asking the CLIP process to read the GPU through torch{retry}"  # (3)

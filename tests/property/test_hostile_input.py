@@ -342,7 +342,7 @@ def test_a_failure_with_an_unknown_reason_names_the_field():
 _SECTIONS = {
     "system": ["admin_port", "bind_address", "allow_remote", "state_dir", "models_file", "start_timeout_s",
                "stop_timeout_s", "ask_timeout_s", "restart_backoff_initial_s", "restart_backoff_max_s"],
-    "gpu": ["backend", "device_index", "sample_interval_s", "change_threshold_mb", "reserve_mb", "simulated_total_mb",
+    "gpu": ["backend", "device", "sample_interval_s", "change_threshold_mb", "reserve_mb", "simulated_total_mb",
             "simulated_ledger"],
     "ollama": ["host", "vlm_model", "num_ctx", "retries", "idle_timeout_s", "probe_backoff_initial_s",
                "probe_backoff_max_s", "vram_recovery_fraction"],

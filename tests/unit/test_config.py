@@ -220,7 +220,10 @@ BAD_VALUES = [
     ("system.state_dir", "", "a file system path"),
     ("system.ask_timeout_s", 0, "a number > 0"),
     ("gpu.backend", "cuda", "one of nvml, simulated"),
-    ("gpu.device_index", -1, "an integer >= 0"),
+    ("gpu.device", -1, "an integer >= 0 (the NVML index"),
+    ("gpu.device", "GPU-12", "an integer >= 0 (the NVML index"),
+    ("gpu.device", "MIG-5d1c2f0e-8a3b-4c1d-9e2f-0123456789ab", "an integer >= 0 (the NVML index"),
+    ("gpu.device", 1.0, "an integer >= 0 (the NVML index"),
     ("gpu.sample_interval_s", 61, "a number > 0 and <= 60"),
     ("gpu.sample_interval_s", float("nan"), "a number > 0 and <= 60"),
     ("gpu.reserve_mb", 1.5, "an integer >= 0"),
@@ -263,6 +266,16 @@ def test_each_bad_value_is_one_problem_with_path_value_accepted_and_source(key: 
     assert str(problem).startswith(f"{key} = {value!r} (from override): accepted: {accepted}")
 
 
+def test_gpu_device_is_an_index_or_a_uuid_from_any_layer() -> None:
+    uuid = "GPU-5d1c2f0e-8a3b-4c1d-9e2f-0123456789ab"
+    assert load(overrides={"gpu.device": "GPU-" + uuid[4:].upper()}).gpu.device == uuid
+    assert load(overrides={"gpu.device": 1}).gpu.device == 1
+    assert load(env={"MAI_GPU__DEVICE": uuid}).gpu.device == uuid
+    assert load(env={"MAI_GPU__DEVICE": "2"}).gpu.device == 2
+    problem = only_problem(overrides={"gpu.device": uuid[4:]})  # torch's form, without NVML's prefix
+    assert problem.suggestion == uuid and "MIG slices are not supported" in problem.accepted
+
+
 def test_problem_source_names_the_user_file_or_env_variable(tmp_path: Path) -> None:
     path = write(tmp_path, "gpu:\n  sample_interval_s: -1\n")
     problem = only_problem(path=path)
@@ -294,7 +307,7 @@ def test_unknown_key_suggests_the_close_one(tmp_path: Path) -> None:
                                                                 "sample_interval_s")
     assert str(problem).startswith("gpu.sampel_interval_s: unknown key; did you mean 'sample_interval_s'?")
     far = only_problem(overrides={"gpu.zzzz": 1})
-    assert far.suggestion is None and "accepted: one of backend, device_index" in str(far)
+    assert far.suggestion is None and "accepted: one of backend, device" in str(far)
     assert only_problem(env={"MAI_GUP__RESERVE_MB": "1"}).suggestion == "gpu"
 
 

@@ -32,8 +32,8 @@ def _nvml_really_works() -> bool:
 
 @pytest.fixture
 def fresh_nvml_verdict(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Forget this process's cached "NVML is absent" verdict for the duration of a test."""
-    monkeypatch.setattr(vram, "_nvml_init_failure", None)
+    """Forget this process's cached "NVML library is absent" verdict for the duration of a test."""
+    monkeypatch.setattr(vram, "_nvml_library_missing", None)
 
 
 class FakeNvml:
@@ -50,6 +50,7 @@ class FakeNvml:
             "nvmlDeviceGetCount": lambda: device_count,
             "nvmlDeviceGetHandleByIndex": lambda index: f"handle-{index}",
             "nvmlDeviceGetName": lambda handle: b"NVIDIA Fake 24GB",
+            "nvmlDeviceGetUUID": lambda handle: "GPU-00000000-1111-2222-3333-444444444444",
             "nvmlDeviceGetMemoryInfo": self._memory_info,
         }.items():
             monkeypatch.setattr(pynvml, name, fn)
@@ -87,9 +88,10 @@ def test_nvml_probe_without_a_gpu_raises_no_gpu_naming_nvmls_reason(fresh_nvml_v
 def test_open_nvml_without_a_gpu_degrades_to_psutil_and_says_why() -> None:
     if _nvml_really_works():
         pytest.skip("NVML works on this machine; see tests/gpu")
-    probe, degraded = open_vram_probe("nvml")
+    probe, failure = open_vram_probe("nvml")
     assert isinstance(probe, PsutilProbe)
-    assert degraded == "no GPU: NVML Shared Library Not Found; using host memory via psutil"
+    assert failure is not None and failure.details["cause"] == "NVML Shared Library Not Found"
+    assert failure.details["permanent"] is True  # no library: the one failure that is never retried (N4)
     assert probe.snapshot().source == "psutil"
     probe.close()
 
@@ -97,20 +99,29 @@ def test_open_nvml_without_a_gpu_degrades_to_psutil_and_says_why() -> None:
 # ---------------------------------------------------------------------------------------------- NVML logic
 
 
-def test_nvml_init_failure_is_cached_once_per_process(
+def test_only_a_missing_nvml_library_is_cached_for_the_process(
     fresh_nvml_verdict: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    calls: list[None] = []
+    calls: list[int] = []
+    codes = [pynvml.NVML_ERROR_DRIVER_NOT_LOADED, pynvml.NVML_ERROR_LIB_RM_VERSION_MISMATCH,
+             pynvml.NVML_ERROR_LIBRARY_NOT_FOUND]
 
     def failing_init() -> None:
-        calls.append(None)
-        raise pynvml.NVMLError(pynvml.NVML_ERROR_DRIVER_NOT_LOADED)
+        calls.append(codes[0])
+        raise pynvml.NVMLError(codes.pop(0) if len(codes) > 1 else codes[0])  # pynvml's own _nvmlCheckReturn
 
     monkeypatch.setattr(pynvml, "nvmlInit", failing_init)
+    with pytest.raises(NoGpu, match="Driver Not Loaded") as info:
+        NvmlProbe()
+    assert info.value.details["permanent"] is False
+    with pytest.raises(NoGpu, match="RM has detected an NVML/RM version mismatch") as info:
+        NvmlProbe()  # a transient failure was not cached: NVML was asked again
+    assert info.value.details["permanent"] is False
     for _ in range(3):
-        with pytest.raises(NoGpu, match="Driver Not Loaded"):
+        with pytest.raises(NoGpu, match="NVML Shared Library Not Found") as info:
             NvmlProbe()
-    assert len(calls) == 1
+        assert info.value.details["permanent"] is True
+    assert len(calls) == 3  # after LibraryNotFound, nvmlInit is not called again
 
 
 def test_a_library_mismatch_is_translated_too(fresh_nvml_verdict: None, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -118,9 +129,10 @@ def test_a_library_mismatch_is_translated_too(fresh_nvml_verdict: None, monkeypa
         raise pynvml.NVMLLibraryMismatchError("Unversioned function called and the pyNVML version does not match")
 
     monkeypatch.setattr(pynvml, "nvmlInit", mismatched)
-    probe, degraded = open_vram_probe("nvml")
+    probe, failure = open_vram_probe("nvml")
     assert isinstance(probe, PsutilProbe)
-    assert degraded is not None and degraded.startswith("no GPU: Unversioned function") and "psutil" in degraded
+    assert failure is not None and failure.details["cause"].startswith("Unversioned function")
+    assert failure.details["permanent"] is False
 
 
 def test_nvml_snapshot_uses_memory_info_v2(fresh_nvml_verdict: None, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -130,6 +142,7 @@ def test_nvml_snapshot_uses_memory_info_v2(fresh_nvml_verdict: None, monkeypatch
     snap = probe.snapshot()
     assert (snap.total_bytes, snap.used_bytes, snap.free_bytes) == (24 * GiB, GiB, 22 * GiB)
     assert (snap.source, snap.device_name, snap.gpu_present) == ("nvml", "NVIDIA Fake 24GB", True)
+    assert snap.device_uuid == "GPU-00000000-1111-2222-3333-444444444444"
     assert fake.memory_calls == [pynvml.nvmlMemory_v2]
     probe.close()
     probe.close()
