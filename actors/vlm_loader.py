@@ -1,6 +1,11 @@
 """VlmLoader: owns the Ollama adapter. Executes the load/unload steps the coordinator grants (retried with
 backoff, timed out, idempotent, verified against /api/ps), probes Ollama while it is unreachable, and reports
-what it observes. It blocks only its own mailbox while a load runs; status lives in the coordinator."""
+what it observes. It blocks only its own mailbox while a load runs; status lives in the coordinator.
+
+A load is always sent, never skipped because /api/ps lists the name: Ollama answers it at once for a loaded model
+and re-pins it, and the row may be someone else's load or a stopping runner (real-servers.md O17). A load whose
+read timeout expired is not retried: the hang-up aborted Ollama's load, and the same timeout would cut the next
+one short again (O4)."""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ from thespian.actors import WakeupMessage
 
 from actors.base import MaiActor
 from mai.core.retry import Backoff, is_retryable
-from messages.errors import MaiError
+from messages.errors import MaiError, Reason
 from messages.failure import Failure
 from messages.steps import LoadVlm, PartHealth, Reobserve, StepFailed, UnloadVlm, VlmLoaded, VlmObserved, VlmUnloaded
 from messages.system import Init
@@ -107,18 +112,15 @@ class VlmLoader(MaiActor):
                 return fn(), attempt
             except MaiError as err:
                 self.log.warning(f"vlm.{what}.attempt_failed", attempt=attempt, of=attempts, reason=err.reason.value, error=str(err))
-                if attempt == attempts or not is_retryable(err):
+                if attempt == attempts or not is_retryable(err) or _load_timed_out(err):
                     raise
         raise AssertionError("unreachable")
 
     def receiveMsg_LoadVlm(self, msg: LoadVlm, sender: Any) -> None:
         began = time.monotonic()
         try:
-            # Idempotent: a load step delivered twice finds the model already there and reports it.
-            state = self.adapter.state_of(msg.model)
-            attempts = 0
-            if state is None:
-                state, attempts = self._with_retries("load", lambda: self.adapter.load(msg.model))
+            # Idempotent: a load step delivered twice loads nothing twice; Ollama answers at once and re-pins.
+            state, attempts = self._with_retries("load", lambda: self.adapter.load(msg.model))
         except MaiError as err:
             self._step_failed(msg.step_id, sender, err)
             return
@@ -127,7 +129,7 @@ class VlmLoader(MaiActor):
             self.log.warning("vlm.partial_offload", model=msg.model, size=state.size_bytes, size_vram=state.size_vram_bytes)
         self.log.debug("vlm.load_done", model=msg.model, load_s=round(load_s, 3), attempts=attempts, size_vram=state.size_vram_bytes)
         self.observed = VlmObserved(msg.model, True, state.size_bytes, state.size_vram_bytes)
-        self.send(sender, VlmLoaded(msg.step_id, msg.model, state.size_bytes, state.size_vram_bytes, load_s, max(1, attempts)))
+        self.send(sender, VlmLoaded(msg.step_id, msg.model, state.size_bytes, state.size_vram_bytes, load_s, attempts))
 
     def receiveMsg_UnloadVlm(self, msg: UnloadVlm, sender: Any) -> None:
         began = time.monotonic()
@@ -150,3 +152,9 @@ class VlmLoader(MaiActor):
         # the coordinator takes it).
         self.observed = None
         self.guarded("", None, self._probe)
+
+
+def _load_timed_out(err: MaiError) -> bool:
+    """The load's own read timeout expired: Ollama aborted the load when we hung up (O4); retrying with the same
+    timeout starts it from zero and ends the same way."""
+    return err.reason is Reason.TIMEOUT and err.details.get("op") == "load"

@@ -156,6 +156,14 @@ def status_data(client: Any) -> dict:
     return data
 
 
+def doing_text(step: str, seconds: float | None) -> str:
+    """"load qwen2.5vl:7b", 47.2 -> "loading qwen2.5vl:7b for 47 s": the step in flight, and for how long."""
+    verb, _, rest = step.partition(" ")
+    doing = (verb[:-1] if verb.endswith("e") else verb) + "ing"
+    text = f"{doing} {rest}".rstrip()
+    return text if seconds is None else f"{text} for {seconds:.0f} s"
+
+
 def status_text(data: dict) -> str:
     lines = [f"Mai {data['version']} on {data['address']}, up {data['uptime_s']:.0f} s"]
     gpu = data.get("gpu")
@@ -168,7 +176,10 @@ def status_text(data: dict) -> str:
                          f"{_mib(vram['total_bytes'])} ({what}, via {vram['source']}); reserve {_mib(gpu['reserve_bytes'])}")
         vlm = gpu["vlm"]
         offload = " PARTIAL CPU OFFLOAD" if vlm.get("partial_offload") else ""
-        lines.append(f"vlm        {vlm['model']}: {vlm['state']}{offload}, footprint {_mib(vlm['footprint_bytes'])}"
+        vlm_state = vlm["state"]
+        if vlm_state in ("loading", "unloading") and gpu.get("step_in_flight_s") is not None:
+            vlm_state += f" for {gpu['step_in_flight_s']:.0f} s"
+        lines.append(f"vlm        {vlm['model']}: {vlm_state}{offload}, footprint {_mib(vlm['footprint_bytes'])}"
                      f"{' (measured)' if vlm['footprint_learned'] else ' (declared)'}, leases {vlm['leases']}")
         clip = gpu["clip"]
         model = clip["model"] or data["config"].get("clip", {}).get("model", "CLIP")
@@ -180,7 +191,8 @@ def status_text(data: dict) -> str:
             f", footprint {_mib(chat_fp)}{' (measured)' if gpu.get('chat_footprint_learned') else ' (declared)'}"
             if gpu.get("chat_model") and chat_fp else ""))
         if gpu.get("step_in_flight") or gpu.get("plan"):
-            lines.append(f"plan       now: {gpu.get('step_in_flight') or '-'}; next: {', '.join(gpu['plan']) or '-'}")
+            now = doing_text(gpu["step_in_flight"], gpu.get("step_in_flight_s")) if gpu.get("step_in_flight") else "-"
+            lines.append(f"plan       now: {now}; next: {', '.join(gpu['plan']) or '-'}")
         for part in gpu.get("degraded", []):
             lines.append(f"degraded   {part['part']}: {part['reason']}")
     elif data.get("gpu_error"):
@@ -259,16 +271,17 @@ def _with_progress(client: Any, call: Any, what: str) -> Any:
             break
         try:
             status = client.get_status(timeout_s=2.0)
-            doing = status.step_in_flight or (status.plan[0] if status.plan else "finishing")
+            step = status.step_in_flight or (status.plan[0] if status.plan else "finishing")
+            doing = doing_text(step, status.step_in_flight_s) if status.step_in_flight else step
         except MaiError:
-            doing = "waiting for Mai to answer"
+            step = doing = "waiting for Mai to answer"
         line = f"{what}: {doing} ({time.monotonic() - began:.1f} s)"
         if tty:
             print("\r" + line.ljust(width), end="", file=sys.stderr, flush=True)
             width = max(width, len(line))
-        elif doing != shown:
+        elif step != shown:
             print(line, file=sys.stderr, flush=True)
-        shown = doing
+        shown = step
     if tty and width:
         print("\r" + " " * width + "\r", end="", file=sys.stderr, flush=True)
     if "error" in result:

@@ -84,7 +84,7 @@ def demo_config(state_dir: Path, ledger: Path, admin_port: int, ollama_host: str
         "clip": {"backend": "simulated", "model": CLIP_MODEL, "pretrained": None, "footprint_mb": CLIP_FOOTPRINT_MB,
                  "threads": 1},
         "ollama": {"host": ollama_host, "vlm_model": VLM_MODEL, "vlm_footprint_mb": VLM_FOOTPRINT_MB,
-                   "idle_timeout_s": timing.idle_timeout_s, "load_timeout_s": 60, "unload_timeout_s": 30,
+                   "idle_timeout_s": timing.idle_timeout_s, "load_timeout_s": 300, "unload_timeout_s": 30,
                    "retries": 2, "retry_backoff_s": 0.1, "probe_backoff_initial_s": 0.2, "probe_backoff_max_s": 2},
         "lmstudio": {"host": lmstudio_host, "load_timeout_s": 60, "request_timeout_s": 10},
         "modes": {"autopilot": {"vlm_grace_s": timing.grace_s, "lease_drain_timeout_s": timing.lease_drain_s},

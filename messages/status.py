@@ -48,6 +48,7 @@ class Status:
     at: float
     chat_footprint_bytes: int = 0  # what the chat model holds, as Mai counts it (0: none loaded)
     chat_footprint_learned: bool = False  # measured, else declared
+    step_in_flight_s: float | None = None  # how long the step in flight has run (a cold VLM load takes minutes)
 
     def to_dict(self) -> dict:
         data = asdict(self)

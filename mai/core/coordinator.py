@@ -472,6 +472,7 @@ class Coordinator:
             at=now,
             chat_footprint_bytes=self._chat_bytes,
             chat_footprint_learned=self._chat_key is not None and self._measured(self._chat_key),
+            step_in_flight_s=round(now - self._inflight.sent_at, 1) if self._inflight else None,
         )
 
     # --- requests ------------------------------------------------------------------------------------------------

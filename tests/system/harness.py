@@ -34,7 +34,7 @@ def write_config(tmp: Path, **sections: dict) -> Path:
         "gpu": {"backend": "simulated", "simulated_total_mb": 12288, "sample_interval_s": 0.1},
         "clip": {"backend": "simulated", "model": "ViT-Tiny-test", "pretrained": None},
         "ollama": {"host": f"http://127.0.0.1:{free_port()}", "probe_backoff_initial_s": 0.2, "probe_backoff_max_s": 1,
-                   "retries": 2, "retry_backoff_s": 0.05, "load_timeout_s": 20, "unload_timeout_s": 10},
+                   "retries": 2, "retry_backoff_s": 0.05, "load_timeout_s": 300, "unload_timeout_s": 10},
         "logging": {"console": False},
     }
     for section, values in sections.items():

@@ -81,7 +81,7 @@ def world(tmp_path_factory) -> Iterator[World]:
             "gpu": {"backend": "simulated", "simulated_total_mb": 16384, "simulated_ledger": str(ledger_path),
                     "sample_interval_s": 0.1},
             "ollama": {"host": ollama.host, "vlm_model": VLM, "idle_timeout_s": 600, "retries": 2,
-                       "retry_backoff_s": 0.05, "request_timeout_s": 2, "load_timeout_s": 5, "unload_timeout_s": 10,
+                       "retry_backoff_s": 0.05, "request_timeout_s": 2, "load_timeout_s": 300, "unload_timeout_s": 10,
                        "probe_backoff_initial_s": 0.2, "probe_backoff_max_s": 1},
             "lmstudio": {"host": lms.host, "request_timeout_s": 5, "load_timeout_s": 20},
             "chat": {"max_retries": 1, "retry_backoff_s": 0.05, "cooldown_s": 30, "switch_hysteresis_s": 0,
