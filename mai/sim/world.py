@@ -249,6 +249,7 @@ class SimChat:
     deferred_yield: Any = None  # the StepRecord of a yield that waits for the reply in progress
     unloading: Any = None  # the StepRecord of an asked-for unload (ChatNeeds unload=True)
     fail_loads: int = 0
+    fail_oom: bool = False  # the failing loads run out of memory on Ollama, which evicts every model (O10)
     asked: dict[str, float] = field(default_factory=dict)  # request id -> when; removed when answered
     outcomes: list[tuple[float, str, str]] = field(default_factory=list)  # (time, turn id, how it ended)
 
@@ -431,6 +432,10 @@ class SimWorld:
     def evict_vlm(self, observe_after_s: float | None = 0.0) -> None:
         """Ollama drops the VLM on its own (another client's load, an OOM: real-servers.md O9-O11); the loader notices
         `observe_after_s` later (None: only when asked to re-observe)."""
+        self._evict_vlm(observe_after_s)
+        self.run_until(self.now)
+
+    def _evict_vlm(self, observe_after_s: float | None) -> None:
         vlm = self.vlm
         if vlm.state != "loaded":
             return
@@ -440,7 +445,6 @@ class SimWorld:
             self._release(alloc)
         if observe_after_s is not None:
             self.at(self.now + observe_after_s, lambda: self.deliver(self._vlm_observation(), "vlm"))
-        self.run_until(self.now)
 
     def fail_next_loads(self, count: int = 1) -> None:
         self.vlm.fail_loads += count
@@ -475,8 +479,11 @@ class SimWorld:
         self.run_until(self.now)
         return True
 
-    def fail_next_chat_loads(self, count: int = 1) -> None:
+    def fail_next_chat_loads(self, count: int = 1, *, oom: bool = False) -> None:
+        """`oom`: out of memory on Ollama, which answers by evicting every model it holds, the VLM included, and tells
+        no one (real-servers.md O10): the loader sees it only when it looks again."""
         self.chat.fail_loads += count
+        self.chat.fail_oom = oom
 
     def _chat_ask(self, message: Any) -> None:
         self.chat.asked[message.request_id] = self.now
@@ -537,7 +544,12 @@ class SimWorld:
         chat.current = None
         if chat.fail_loads > 0:
             chat.fail_loads -= 1
-            self._fail_after(t.chat_load_s / 2, record, Reason.LOAD_FAILED, "chat model failed to load (simulated)")
+            if chat.fail_oom:
+                self._evict_vlm(observe_after_s=None)
+                self._fail_after(t.chat_load_s / 2, record, Reason.INSUFFICIENT_VRAM,
+                                 "llama-server reported out-of-memory during startup: cudaMalloc failed (simulated)")
+            else:
+                self._fail_after(t.chat_load_s / 2, record, Reason.LOAD_FAILED, "chat model failed to load (simulated)")
             self.at(self.now + t.chat_load_s / 2, lambda: self._chat_end("load failed", turn.turn_id))
             return
         vram = 0
