@@ -174,9 +174,8 @@ class ConversationAgent(MaiActor):
         self.availability = self.backends.availability()
         for backend, error in self.backends.last_errors.items():
             self.log.info("chat.backend_unavailable", backend=backend, reason=error)
-        ok = bool(self.availability.reachable_backends)
-        reason = "; ".join(self.backends.last_errors.values())
-        self._tell_coordinator(PartHealth("chat", ok, "" if ok else f"no chat backend reachable: {reason}"))
+        reason = self.backends.degraded_reason({c.backend for c in self.policy.chain})
+        self._tell_coordinator(PartHealth("chat", not reason, reason))
 
     def _tell_coordinator(self, message: Any) -> None:
         if self.peers.get("coordinator") is not None:

@@ -4,15 +4,17 @@ agent asks "load this catalog model", "stream a reply" without caring which serv
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from backends.lmstudio import LmStudioAdapter
 from backends.ollama import OllamaAdapter
+from config.ollama_names import same_ollama_model
 from mai.core.chat_policy import Availability, Candidate
 from mai.core.context import approx_tokens
 from messages.chat import ChatMessage, ReplyFragment
 from messages.errors import MaiError
 
+BACKEND_NAMES = {"lmstudio": "LM Studio", "ollama": "Ollama"}
 INSTANCE_PREFIX = "mai:"  # our LM Studio instance identifiers: never JIT instances, never someone else's
 
 
@@ -53,11 +55,32 @@ class ChatBackends:
         else:
             self.last_errors["lmstudio"] = "LM Studio disabled in the configuration (lmstudio.enabled)"
         try:
-            installed |= set(self._probe_adapter.installed())
+            installed |= self._ollama_keys(self._probe_adapter.installed())
             reachable.add("ollama")
         except MaiError as err:
             self.last_errors["ollama"] = str(err)
         return Availability(frozenset(reachable), frozenset(installed))
+
+    def _ollama_keys(self, names: Iterable[str]) -> set[str]:
+        """The names Ollama lists (shortest forms), plus each catalog key of an Ollama model that Ollama resolves
+        to one of them: a key may be spelled in any form Ollama accepts (real-servers.md O1)."""
+        listed = list(names)
+        keys = {m.key for m in getattr(self.cfg, "models", ()) if m.backend == "ollama"
+                and any(same_ollama_model(m.key, name) for name in listed)}
+        return set(listed) | keys
+
+    def degraded_reason(self, used: set[str]) -> str:
+        """Why chat is degraded after `availability()`, or "" when it is not: no backend answers, or one the chat
+        chain uses (`used`) and the configuration enables does not (LM Studio's server not started, L4)."""
+        errors = self.last_errors
+        if set(errors) >= set(BACKEND_NAMES):
+            return "no chat backend reachable: " + "; ".join(errors.values())
+        down = [err for backend, err in errors.items()
+                if backend in used and not (backend == "lmstudio" and self.lmstudio is None)]
+        if not down:
+            return ""
+        working = " and ".join(f"{BACKEND_NAMES[b]}'s" for b in sorted(set(BACKEND_NAMES) - set(errors)))
+        return "; ".join(down) + f" (chat uses {working} models meanwhile)"
 
     def loaded(self) -> dict[str, int]:
         """Catalog models our backends hold now (key → VRAM bytes as reported), for reconciling after a restart."""
@@ -71,7 +94,8 @@ class ChatBackends:
                 pass
         try:
             for state in self._probe_adapter.loaded():
-                found[state.name] = state.size_vram_bytes
+                for key in self._ollama_keys([state.name]):
+                    found[key] = state.size_vram_bytes
         except MaiError:
             pass
         return found

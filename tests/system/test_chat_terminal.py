@@ -154,6 +154,34 @@ def test_ctrl_c_cancels_the_streaming_reply_but_not_the_session(terminal, world)
     assert "[interrupted]" in terminal.say("/history 3")
 
 
+def test_a_thinking_model_shows_one_dim_line_that_collapses_before_the_reply(terminal, world):
+    _, lms = world
+    terminal.say("/switch auto")
+    terminal.say("warm up")
+    lms.configure(reasoning={"qwen2.5-7b-instruct": 6, "qwen2.5-3b-instruct": 6}, reasoning_delay_s=0.25)
+    try:
+        terminal.child.sendline("why is the sky blue?")
+        terminal.child.expect(PROMPT, timeout=60)
+        raw = terminal.child.before
+    finally:
+        lms.configure(reasoning={})
+    dim_line = re.compile(r"\r\x1b\[2K\x1b\[2mthinking… \((\d+) words\)\x1b\[0m")
+    counts = [int(n) for n in dim_line.findall(raw)]
+    assert len(counts) >= 3 and counts == sorted(counts)  # one line, redrawn in place as the reasoning grows
+    summary = re.search(r"\r\x1b\[2K\x1b\[2mthought for \d+\.\d s \((\d+) words\) · /thinking shows it\x1b\[0m\r?\n", raw)
+    assert summary and int(summary.group(1)) == counts[-1]
+    shown = clean(raw)
+    assert shown.index("thought for") < shown.index("mai> ")  # collapsed before the reply starts
+    reply = REPLY.search(shown).group(0)
+    assert "think-digest" not in shown and "last_user=why is the sky blue?" in reply
+
+    reasoning = terminal.say("/thinking")
+    assert "reasoning of the last reply" in reasoning and "think-digest=" in reasoning
+    assert "the user asked: why is the sky blue?" in reasoning
+    assert "think-digest" not in terminal.say("/history 2")
+    assert "/thinking" in terminal.say("/help")
+
+
 def _cancel_frames(lms) -> list:
     return [f for f in lms.frames() if (f.get("message") or {}).get("type") == "cancel"]
 
