@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from backends.shm import SHM_DIR, shm_free_bytes
 from messages.errors import InvalidRequest, LoadFailed, NoGpu, OutOfMemory, PredictionFailed
 
 log = structlog.get_logger(__name__)
@@ -65,8 +66,6 @@ _VIEW_ALIGN_BYTES = 64
 
 # Texts of allocation failures that are out-of-memory without saying so (cuBLAS, cuDNN under pressure; T6).
 _OOM_TEXTS = ("out of memory", "ALLOC_FAILED")
-
-SHM_DIR = "/dev/shm"
 
 
 class OpenClipAdapter:
@@ -363,16 +362,6 @@ def _register_host_memory(buffer: torch.Tensor) -> str | None:
 def _unregister_host_memory(pointer: int) -> None:
     if torch.cuda.is_available():
         torch.cuda.cudart().cudaHostUnregister(pointer)
-
-
-def shm_free_bytes(directory: str = SHM_DIR) -> int | None:
-    """Free bytes of the shared-memory file system (64 MiB in a default Docker container; S1), None where there is
-    no such directory (Windows, macOS: shared memory is not a file system there)."""
-    try:
-        stats = os.statvfs(directory)
-    except (OSError, AttributeError):  # AttributeError: os.statvfs does not exist on Windows
-        return None
-    return stats.f_bavail * stats.f_frsize
 
 
 def write_images_to_shm(arrays: numpy.ndarray | Sequence[numpy.ndarray]) -> tuple[SharedMemory, tuple[int, int, int, int]]:

@@ -171,9 +171,14 @@ def status_text(data: dict) -> str:
         lines.append(f"mode       {gpu['mode']}" + (f" (switching to {gpu['target_mode']})" if gpu["target_mode"] != gpu["mode"] else ""))
         vram = gpu.get("vram")
         if vram:
+            from messages.resources import SOURCE_TEXT
+
             what = vram["device_name"] if vram["gpu_present"] else "no GPU, host memory"
+            source = SOURCE_TEXT.get(vram["source"], vram["source"])
             lines.append(f"vram       {_bar(vram['used_bytes'], vram['total_bytes'])} {_mib(vram['used_bytes'])} used / "
-                         f"{_mib(vram['total_bytes'])} ({what}, via {vram['source']}); reserve {_mib(gpu['reserve_bytes'])}")
+                         f"{_mib(vram['total_bytes'])} ({what}, via {source}); reserve {_mib(gpu['reserve_bytes'])}")
+            if vram.get("device_uuid"):
+                lines.append(f"gpu        {vram['device_name']} {vram['device_uuid']}")
         vlm = gpu["vlm"]
         offload = " PARTIAL CPU OFFLOAD" if vlm.get("partial_offload") else ""
         vlm_state = vlm["state"]

@@ -217,17 +217,43 @@ class MaiClient:
 
         import numpy as np
 
+        from backends.shm import shm_free_bytes
+        from mai.core.shm_plan import plan_shm_batches
+
         arr = np.ascontiguousarray(array, dtype=np.uint8)
-        if arr.ndim != 4 or arr.shape[3] != 3:
+        if arr.ndim != 4 or arr.shape[3] != 3 or 0 in arr.shape:
             raise InvalidRequest(f"images: got an array of shape {arr.shape}; accepted: file paths or uint8 (n, H, W, 3)")
-        shm = shared_memory.SharedMemory(create=True, size=arr.nbytes)
-        try:
-            np.ndarray(arr.shape, dtype=np.uint8, buffer=shm.buf)[:] = arr
-            message = EmbedImages(new_request_id(), (), shm.name, tuple(int(x) for x in arr.shape))
-            return self._ask("clip", message, timeout_s).vectors
-        finally:
-            shm.close()
-            shm.unlink()
+        # /dev/shm may be 64 MiB (Docker's default) and overfilling it is SIGBUS, not an error: slices that fit,
+        # or files when not even one image does.
+        plan = plan_shm_batches(len(arr), arr[0].nbytes, shm_free_bytes())
+        if plan is None:
+            return self._embed_as_files(arr, timeout_s)
+        parts = []
+        for lo, hi in plan:
+            chunk = arr[lo:hi]
+            shm = shared_memory.SharedMemory(create=True, size=chunk.nbytes)
+            try:  # the handle stays open until the reply (Windows frees a block when its last handle closes)
+                np.ndarray(chunk.shape, dtype=np.uint8, buffer=shm.buf)[:] = chunk
+                message = EmbedImages(new_request_id(), (), shm.name, tuple(int(x) for x in chunk.shape))
+                parts.append(self._ask("clip", message, timeout_s).vectors)
+            finally:
+                shm.close()
+                shm.unlink()
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    def _embed_as_files(self, arr: Any, timeout_s: float) -> Any:
+        """The images as lossless PNG files in a private temporary directory (on disk, not in /dev/shm)."""
+        import tempfile
+
+        from PIL import Image
+
+        with tempfile.TemporaryDirectory(prefix="mai-images-") as directory:
+            paths = []
+            for index, pixels in enumerate(arr):
+                path = os.path.join(directory, f"{index}.png")
+                Image.fromarray(pixels).save(path, compress_level=1)
+                paths.append(path)
+            return self._ask("clip", EmbedImages(new_request_id(), tuple(paths)), timeout_s).vectors
 
     def embed_texts(self, texts: Sequence[str], timeout_s: float = 60.0) -> Any:
         reply: Embeddings = self._ask("clip", EmbedTexts(new_request_id(), tuple(texts)), timeout_s)

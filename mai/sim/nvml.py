@@ -69,8 +69,8 @@ class SimulatedNvml:
             fastest_first = self.cuda_order if self.cuda_order is not None else list(range(len(self.gpus)))
             return sorted(fastest_first) if os.environ.get("CUDA_DEVICE_ORDER") == "PCI_BUS_ID" else fastest_first
 
-        def gpu(index: int) -> SimGpu:
-            return self.gpus[order()[index]]
+        def gpu(device: Any) -> SimGpu:  # torch takes an index or a torch.device
+            return self.gpus[order()[getattr(device, "index", device) or 0]]
 
         monkeypatch.setattr(torch.version, "cuda", torch.version.cuda or "12.8")
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -251,3 +251,142 @@ def test_importing_the_vram_backend_does_not_import_torch() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["False", "False"]
+
+
+# --- issue 11, item 9: memory as torch really spends it ------------------------------------------------------
+
+
+def test_the_master_becomes_one_flat_buffer_whose_views_keep_every_value(image_paths: list[str]) -> None:
+    from backends.clip import flat_layout, flatten_into_one_buffer
+
+    adapter = OpenClipAdapter(TINY, None, seed=0)
+    before_texts, before_images = adapter.embed_texts(TEXTS), adapter.embed_images(image_paths)
+    before = {name: t.clone() for name, t in adapter._master.state_dict().items()}
+    tensors = list(adapter._master.parameters()) + list(adapter._master.buffers())
+
+    buffer = flatten_into_one_buffer(adapter._master)  # what to_gpu does, minus the page-locking
+
+    offsets, size = flat_layout(tensors)
+    assert buffer.numel() == size <= sum(t.numel() * t.element_size() for t in tensors) + 64 * len(tensors)
+    base = buffer.untyped_storage().data_ptr()
+    for tensor, offset in zip(tensors, offsets):
+        assert tensor.untyped_storage().data_ptr() == base  # a view of the one buffer, not a block of its own
+        assert tensor.data_ptr() == base + offset and offset % 64 == 0
+    ends = sorted((o, o + t.numel() * t.element_size()) for o, t in zip(offsets, tensors))
+    assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(ends, ends[1:]))  # no two views overlap
+    for name, tensor in adapter._master.state_dict().items():
+        assert tensor.dtype == before[name].dtype and torch.equal(tensor, before[name])
+    np.testing.assert_array_equal(adapter.embed_texts(TEXTS), before_texts)
+    np.testing.assert_array_equal(adapter.embed_images(image_paths), before_images)
+
+
+def test_without_cuda_the_flat_master_stays_pageable_and_says_why() -> None:
+    from backends.clip import _register_host_memory
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: tests/gpu checks the registered buffer")
+    reason = _register_host_memory(torch.empty(1024, dtype=torch.uint8))
+    assert reason is not None and "pageable" in reason
+
+
+def test_cublas_and_cudnn_allocation_failures_are_out_of_memory() -> None:
+    from backends.clip import _runtime_error_kind
+    from messages.errors import OutOfMemory, PredictionFailed
+
+    cublas = RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
+    assert _runtime_error_kind(cublas, PredictionFailed) is OutOfMemory
+    assert _runtime_error_kind(RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"), PredictionFailed) is OutOfMemory
+    assert _runtime_error_kind(RuntimeError("CUDNN_STATUS_NOT_SUPPORTED"), PredictionFailed) is PredictionFailed
+    accelerator = getattr(torch, "AcceleratorError", None)
+    if accelerator is not None:  # recent torch raises this RuntimeError subclass for CUDA API failures
+        assert _runtime_error_kind(accelerator("CUBLAS_STATUS_ALLOC_FAILED"), PredictionFailed) is OutOfMemory
+
+
+def test_bf16_is_refused_with_a_reason_on_a_gpu_without_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import contextlib
+
+    from mai.sim.nvml import SimGpu, SimulatedNvml
+
+    SimulatedNvml([SimGpu("Tesla T4", "GPU-aaaaaaaa-0000-4000-8000-000000000000")]).install_cuda(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    asked: list[dict] = []
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda **kw: asked.append(kw) or False)
+    adapter = OpenClipAdapter(TINY, None, "bf16", seed=0)
+    with pytest.raises(InvalidRequest, match=r"bf16 needs compute capability >= 8.0; Tesla T4 .* has 7.5") as info:
+        adapter.to_gpu(0)
+    assert asked == [{"including_emulation": False}]  # emulated bf16 does not count
+    assert info.value.details["compute_capability"] == "7.5"
+    assert adapter.device == "cpu" and next(adapter._master.parameters()).dtype == torch.float32
+
+
+def test_pretrained_tags_are_compared_as_open_clip_normalises_them() -> None:
+    from backends.clip import _check_pretrained
+
+    _check_pretrained("ViT-B-32", "laion2b-s34b-b79k")  # open_clip's tag is laion2b_s34b_b79k
+    _check_pretrained("ViT-B-32", "LAION2B_S34B_B79K")
+    with pytest.raises(InvalidRequest, match="laion2b_s34b_b79k"):
+        _check_pretrained("ViT-B-32", "laion2b-s34b-b80k")
+
+
+def test_a_batch_larger_than_free_shared_memory_is_refused_before_any_write(
+    monkeypatch: pytest.MonkeyPatch, pixels: np.ndarray
+) -> None:
+    from backends import shm
+    from messages.errors import OutOfMemory
+
+    real = os.statvfs(shm.SHM_DIR)
+    small = os.statvfs_result((real.f_bsize, 4096, 0, 0, 2, 0, 0, 0, 0, 255))  # 8 KiB free
+    monkeypatch.setattr(os, "statvfs", lambda path: small if path == shm.SHM_DIR else real)
+    with pytest.raises(OutOfMemory, match=r"/dev/shm has 8192 bytes free; 3 images need 27648.*--shm-size"):
+        write_images_to_shm(pixels)
+
+
+def test_client_splits_a_batch_to_fit_shared_memory_or_falls_back_to_files(
+    monkeypatch: pytest.MonkeyPatch, tiny: OpenClipAdapter, pixels: np.ndarray
+) -> None:
+    from backends import shm
+    from mai.client import MaiClient
+    from messages.requests import EmbedImages, Embeddings
+
+    expected = tiny.embed_image_arrays(*_shm_args(pixels))
+    sent: list[EmbedImages] = []
+
+    def ask(role: str, message: EmbedImages, timeout_s: float) -> Embeddings:  # the CLIP mover's two paths
+        sent.append(message)
+        if message.shm_name is not None:
+            vectors = tiny.embed_image_arrays(message.shm_name, message.shm_shape)
+        else:
+            vectors = tiny.embed_images(message.paths)
+        return Embeddings(message.request_id, vectors, "cpu", TINY)
+
+    client = MaiClient.__new__(MaiClient)
+    client._ask = ask
+    image_bytes = pixels[0].nbytes
+    for free, shapes in ((10 * image_bytes, [3]), (2 * image_bytes, [1, 1, 1]), (image_bytes // 2, None)):
+        blocks = -(-free // 4096)
+        small = os.statvfs_result((4096, 4096, blocks, blocks, blocks, 0, 0, 0, 0, 255))
+        monkeypatch.setattr(shm.os, "statvfs", lambda path, small=small: small)
+        sent.clear()
+        vectors = client.embed_images(pixels)
+        np.testing.assert_allclose(vectors, expected, atol=1e-6)  # batch size changes the last bits only
+        if shapes is None:  # not even one image fits: lossless files instead
+            assert [m.shm_name for m in sent] == [None] and len(sent[0].paths) == 3
+        else:
+            assert [m.shm_shape[0] for m in sent] == shapes
+
+
+def _shm_args(pixels: np.ndarray) -> tuple[str, tuple[int, int, int, int]]:
+    block, shape = write_images_to_shm(pixels)
+    _shm_args.keep = block  # type: ignore[attr-defined]  # alive until the next call; unlinked by the fixture below
+    return block.name, shape
+
+
+@pytest.fixture(autouse=True)
+def _unlink_kept_block():
+    yield
+    block = getattr(_shm_args, "keep", None)
+    if block is not None:
+        _shm_args.keep = None  # type: ignore[attr-defined]
+        block.close()
+        block.unlink()
