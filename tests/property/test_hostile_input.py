@@ -89,6 +89,7 @@ VALID: dict[str, dict[str, Any]] = {
     "History": dict(request_id="r1", conversation_id="c1", entries=()),
     "HistoryEntry": dict(role="user", content="hi", model=None, status="complete", created_at=1.0),
     "IdleUnloaded": dict(model="qwen2.5vl:7b", idle_s=300.0, at=1.0),
+    "FootprintMeasured": dict(part="chat", model="qwen2.5-7b-instruct", context_length=32768, nbytes=6 * 2**30, at=1.0),
     "Init": dict(config=CONFIG, peers=(), restart_count=0),
     "LeaseGranted": dict(request_id="r1", lease_id="l1", model="qwen2.5vl:7b", host="http://127.0.0.1:11434",
                          num_ctx=8192, expires_in_s=60.0),
