@@ -7,7 +7,7 @@ Measured in one run on the first (or given) GPU:
 - copy limit: a plain uint8 tensor of CLIP's footprint copied host → device from pinned and from pageable memory
   (median of N): the bandwidth any move of those bytes is bounded by;
 - CLIP moves: `OpenClipAdapter` (ViT-B-32, random weights: the bytes are what matters) cpu → cuda from its pinned
-  master, cuda → cpu, and, for comparison, the same model moved from pageable memory with a plain `.to()`;
+  master (one flat buffer page-locked in place at its exact size, the parameters as views), cuda → cpu, and, for comparison, the same model moved from pageable memory with a plain `.to()`;
   each next to the pinned copy limit as a ratio;
 - NVML: the cost of one `NvmlProbe.snapshot()` (p50/p99 over N×50 readings), the VRAM sampler's unit of work;
 - VRAM returned: NVML's used bytes before the move, on the GPU, and after the move back, as a share of CLIP's
@@ -90,6 +90,7 @@ def clip_moves(device_index: int, n: int) -> dict[str, float]:
     adapter = OpenClipAdapter("ViT-B-32", None, "fp32", seed=0)
     adapter.to_gpu(device_index)  # warm-up: context, pinning the master once
     adapter.to_cpu()
+    pinned = all(t.is_pinned() for t in adapter._master.parameters())  # else the moves below are pageable ones
     to_gpu, to_cpu = [], []
     for _ in range(n):  # each call times itself (synchronised)
         to_gpu.append(adapter.to_gpu(device_index))
@@ -104,7 +105,7 @@ def clip_moves(device_index: int, n: int) -> dict[str, float]:
         pageable_s.append(time.perf_counter() - began)
         model.to("cpu")
         torch.cuda.empty_cache()
-    return {"footprint_bytes": adapter.footprint_bytes, "to_gpu_s": statistics.median(to_gpu),
+    return {"footprint_bytes": adapter.footprint_bytes, "master_pinned": pinned, "to_gpu_s": statistics.median(to_gpu),
             "to_cpu_s": statistics.median(to_cpu), "pageable_to_gpu_s": statistics.median(pageable_s)}
 
 
@@ -180,7 +181,8 @@ def render(result: dict[str, Any]) -> str:
         "",
         f"copy limit for {mib:.0f} MiB host -> device: pinned {limit['pinned_gb_s']:.1f} GB/s "
         f"({limit['pinned_s'] * 1000:.1f} ms), pageable {limit['pageable_gb_s']:.1f} GB/s ({limit['pageable_s'] * 1000:.1f} ms)",
-        f"CLIP ViT-B-32 fp32 cpu -> cuda (pinned master): {clip['to_gpu_s'] * 1000:.1f} ms = "
+        f"CLIP ViT-B-32 fp32 cpu -> cuda ({'pinned' if clip['master_pinned'] else 'PAGEABLE'} master): "
+        f"{clip['to_gpu_s'] * 1000:.1f} ms = "
         f"{result['to_gpu_vs_pinned_limit']:.2f}x the pinned copy limit",
         f"CLIP cuda -> cpu (drop the GPU copy, empty_cache): {clip['to_cpu_s'] * 1000:.1f} ms",
         f"the same model by a plain .to() from pageable memory: {clip['pageable_to_gpu_s'] * 1000:.1f} ms = "

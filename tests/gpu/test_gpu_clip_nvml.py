@@ -127,3 +127,95 @@ def test_to_gpu_with_a_missing_device_index_is_no_gpu() -> None:
     with pytest.raises(NoGpu, match="out of range"):
         adapter.to_gpu(torch.cuda.device_count())
     assert adapter.device == "cpu"
+
+
+# --- issue 11: footprint measured, workspaces released, one pinned buffer, one GPU name --------------------------
+# Each runs in a fresh subprocess where the first to_gpu must be the process's first CUDA use (the context counts).
+
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _fresh_process(code: str) -> dict:
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_measured_footprint_of_the_first_to_gpu_is_within_5_percent_of_nvmls_change() -> None:
+    figures = _fresh_process("""
+import json
+from backends.clip import OpenClipAdapter
+from backends.vram import NvmlProbe
+adapter = OpenClipAdapter("ViT-B-32", None, seed=0)
+mover_probe, judge = NvmlProbe(0), NvmlProbe(0)  # the mover's reader, and an independent one
+before = judge.snapshot().used_bytes
+adapter.to_gpu(0, lambda: mover_probe.snapshot().free_bytes)
+after = judge.snapshot().used_bytes
+print(json.dumps({"measured": adapter.measured_move_bytes, "nvml": after - before, "params": adapter.footprint_bytes}))
+""")
+    print(f"\nfirst to_gpu: measured {figures['measured'] / MiB:.0f} MiB, NVML change {figures['nvml'] / MiB:.0f} MiB, "
+          f"parameters {figures['params'] / MiB:.0f} MiB")
+    assert figures["nvml"] > figures["params"]  # the context and allocator rounding come on top (T3, T4)
+    assert abs(figures["measured"] - figures["nvml"]) <= 0.05 * figures["nvml"]
+
+
+def test_memory_allocated_is_zero_after_to_cpu_once_cublas_workspaces_are_cleared() -> None:
+    figures = _fresh_process("""
+import json, numpy, torch
+from backends.clip import OpenClipAdapter
+adapter = OpenClipAdapter("ViT-B-32", None, seed=0)
+adapter.to_gpu(0)
+adapter.embed_texts(["a matmul makes cuBLAS allocate its workspace"])
+on_gpu = torch.cuda.memory_allocated()
+adapter.to_cpu()
+print(json.dumps({"on_gpu": on_gpu, "after": torch.cuda.memory_allocated(), "reserved": torch.cuda.memory_reserved()}))
+""")
+    print(f"\nallocated on GPU {figures['on_gpu'] / MiB:.0f} MiB; after to_cpu {figures['after']} B "
+          f"(reserved {figures['reserved']} B)")
+    assert figures["on_gpu"] > 0
+    assert figures["after"] == 0 and figures["reserved"] == 0
+
+
+def test_pinned_master_costs_at_most_1_1_times_the_parameter_bytes_of_ram() -> None:
+    figures = _fresh_process("""
+import ctypes, json, psutil, torch
+from backends.clip import OpenClipAdapter
+def rss():
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc keeps freed memory otherwise
+    return psutil.Process().memory_info().rss
+torch.empty(1, device="cuda:0")  # the CUDA context and its libraries first: not the master's cost
+adapter = OpenClipAdapter("ViT-B-32", None, seed=0)
+params = sum(t.numel() * t.element_size() for t in list(adapter._master.parameters()) + list(adapter._master.buffers()))
+before = rss()  # the pageable master is resident: `params` of it
+adapter.to_gpu(0)
+adapter.to_cpu()
+after = rss()
+pinned = all(t.is_pinned() for t in adapter._master.parameters())
+print(json.dumps({"params": params, "master_rss": after - before + params, "pinned": pinned}))
+""")
+    print(f"\nmaster: {figures['params'] / MiB:.0f} MiB of parameters, {figures['master_rss'] / MiB:.0f} MiB resident "
+          f"after pinning (pinned: {figures['pinned']})")
+    assert figures["pinned"]
+    assert figures["master_rss"] <= 1.1 * figures["params"]
+
+
+def test_clip_and_nvml_name_the_same_gpu() -> None:
+    from backends.clip import OpenClipAdapter as Adapter
+    from mai.core.gpu_device import normalise_uuid, resolve_cuda_index
+
+    with NvmlProbe(0) as probe:
+        nvml_uuid = probe.device_uuid
+        by_uuid = NvmlProbe(nvml_uuid)
+        assert by_uuid.snapshot().device_uuid == nvml_uuid
+        by_uuid.close()
+    cuda_uuids = Adapter.cuda_device_uuids()
+    index, note = resolve_cuda_index(0, cuda_uuids, nvml_uuid)
+    print(f"\nNVML 0 = {nvml_uuid}; CUDA {index} = {normalise_uuid(cuda_uuids[index])}; {note or 'same numbering'}")
+    assert normalise_uuid(str(torch.cuda.get_device_properties(index).uuid)) == nvml_uuid
+    assert normalise_uuid(cuda_uuids[0]) == nvml_uuid  # CUDA_DEVICE_ORDER=PCI_BUS_ID: index 0 is NVML's 0 too
