@@ -54,6 +54,7 @@ OOM_MARKERS = (
     "insufficient memory",
     "vk_error_out_of_device_memory",
     "erroroutofmemory",
+    "erroroutofdevicememory",  # vulkan-hpp's vk::OutOfDeviceMemoryError text, which Ollama's list misses
     "status_alloc_failed",
     "cudnn_status_not_enough_workspace",
     "requires more system memory",

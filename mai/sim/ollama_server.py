@@ -74,8 +74,7 @@ OWNER_PREFIX = "ollama:"  # ledger owner of a runner: "ollama:<model>"
 # substrings. A failed load wraps it (llm/llama_server.go:1371-1376); a runtime one ends the stream with it.
 OOM_TEXTS = (
     "ggml_backend_cuda_buffer_type_alloc_buffer: allocating 6144.00 MiB on device 0: cudaMalloc failed: out of memory",
-    "ggml_vulkan: Device memory allocation of size 1073741824 failed. "
-    "vk::Device::allocateMemory: ErrorOutOfDeviceMemory",
+    "ggml_vulkan: Device memory allocation of size 1073741824 failed: VK_ERROR_OUT_OF_DEVICE_MEMORY",
     "llama_init_from_model: failed to initialize the context: insufficient memory for the KV cache",
     "unable to allocate CUDA0 buffer: failed to allocate buffer of size 6442450944",
     "ggml_backend_cpu_buffer_type_alloc_buffer: not enough memory to allocate 2147483648 bytes",
