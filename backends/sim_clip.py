@@ -7,7 +7,7 @@ rather than pretending to be CUDA."""
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy
 
@@ -46,7 +46,8 @@ class SimulatedGpuClip:
     def cuda_available() -> bool:
         return True
 
-    def to_gpu(self, device_index: int = 0) -> float:
+    def to_gpu(self, device_index: int = 0, free_bytes: Callable[[], int] | None = None) -> float:
+        """`free_bytes` is accepted for the real adapter's signature; the ledger's change is the footprint exactly."""
         if self.on_gpu:
             return 0.0
         began = time.monotonic()
