@@ -233,12 +233,13 @@ def cmd_mode(args: argparse.Namespace) -> int:
     if args.mode.lower() not in cfg.modes:  # say so even when Mai is not running
         print(f"mai: mode: got {args.mode!r}; accepted: {', '.join(cfg.modes)}", file=sys.stderr)
         return 2
+    timeout_s = args.timeout if args.timeout is not None else cfg.ollama.load_timeout_s + 60
     with connect(config=cfg) as client:
         if args.wait and not args.json:
-            reply = _with_progress(client, lambda: client.set_mode(args.mode, wait=True, timeout_s=args.timeout),
+            reply = _with_progress(client, lambda: client.set_mode(args.mode, wait=True, timeout_s=timeout_s),
                                    f"mode {args.mode.lower()}")
         else:
-            reply = client.set_mode(args.mode, wait=args.wait, timeout_s=args.timeout)
+            reply = client.set_mode(args.mode, wait=args.wait, timeout_s=timeout_s)
     if args.wait:
         _emit(args, {"mode": reply.mode, "duration_s": reply.duration_s, "steps": list(reply.steps)},
               f"mode {reply.mode} reached in {reply.duration_s:.2f} s" + (f": {'; '.join(reply.steps)}" if reply.steps else ""))
@@ -411,7 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
             "(CLIP on the CPU, VLM loaded) or idle (no change)")
     p.add_argument("mode", help="autopilot, recording, idle, or a mode added in your config")
     p.add_argument("--wait", action="store_true", help="return when the mode is reached, not when it is accepted")
-    p.add_argument("--timeout", type=_seconds, default=120.0, help="seconds to wait with --wait (default 120)")
+    p.add_argument("--timeout", type=_seconds, default=None,
+                   help="seconds to wait with --wait (default: ollama.load_timeout_s + 60, as a cold VLM load can "
+                        "take minutes)")
     add("models", cmd_models, "the chat model catalog: availability, loaded state, footprint, why a model is not selectable now")
     p = add("switch", cmd_switch, "pin a chat model until cleared (`mai switch auto` clears the pin)")
     p.add_argument("model", help="a model key from `mai models`, or auto")
