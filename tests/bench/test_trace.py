@@ -7,14 +7,14 @@ import json
 from dataclasses import replace
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from bench.trace.__main__ import main
 from bench.trace.baselines import AlwaysUnload, Strict
 from bench.trace.mai_policy import MaiPolicy
 from bench.trace.params import GPU_SIZES_GIB, default_params
-from bench.trace.report import ORACLE, ORACLE_MODES, policies, run, run_policy
+from bench.trace.report import ORACLE, ORACLE_MODES, policies, run, run_policy, table
 from bench.trace.runner import Job, Runner
 from bench.trace.trace import DayShape, Request, agent_day, make_trace
 from mai.sim.world import GIB
@@ -151,19 +151,31 @@ small_days = st.builds(
 )
 
 
-# Derandomized: the offline oracle is a clairvoyant heuristic, not a proven optimum, and a random search finds
-# days where it is beaten (the strict xfail below); CI must not turn green or red on which days it happens to draw.
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+# Fresh random days on every run (hypothesis prints the seed of a failing one: `--hypothesis-seed=N` replays it).
+# The offline oracle is a clairvoyant heuristic, not a proven optimum: on about 1 % of these days a policy stalls
+# less than it (measured over 5000 draws: "strict modes" and, more rarely, Mai itself, all at 8 GB; see the strict
+# xfails below). So what is checked on every day is what always holds: no policy that keeps Mai's rules runs out
+# of memory, Mai as shipped gives no request up, the rules-keeping oracle is never below the free one, and whoever beats the
+# oracle is named in the result and in the printed table, never hidden.
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(small_days)
-def test_the_oracle_stalls_no_more_than_any_policy(day_and_gpu):
+def test_on_any_day_mai_never_runs_out_of_memory_and_a_beaten_oracle_is_reported(day_and_gpu):
     day, gib = day_and_gpu
     (result,) = run(day, [gib])
-    floor, held = result.row(ORACLE).stall_s, result.row(ORACLE_MODES).stall_s
+    total = default_params(gib).gpu_total_bytes
     for m in result.rows:
-        assert floor <= m.stall_s + 1e-9, f"{m.policy} stalled {m.stall_s:.2f} s, below the oracle's {floor:.2f} s"
         if m.policy.startswith(("mai", "strict")):  # the policies that keep Mai's invariants
-            assert held <= m.stall_s + 1e-9, f"{m.policy} stalled {m.stall_s:.2f} s, below {held:.2f} s"
-    assert not result.oracle_beaten_by
+            assert m.ooms == 0 and m.peak_bytes <= total, f"{m.policy}: {m.ooms} OOMs, peak {m.peak_bytes}"
+            # Mai as shipped never gives a request up (its earlier variants v0 and v1 did, on ~5 % of these days).
+            assert m.gave_up == 0 or m.policy.startswith(("mai v0", "mai v1")), f"{m.policy} gave {m.gave_up} up"
+    floor, held = result.row(ORACLE).stall_s, result.row(ORACLE_MODES).stall_s
+    assert floor <= held + 1e-9  # a schedule that keeps Mai's rules is one the free oracle may follow
+    beaten = [m.policy for m in result.rows if m.stall_s < floor - 1e-9]
+    assert result.oracle_beaten_by == beaten
+    event("oracle beaten" if beaten else "oracle is the floor")
+    text = table(result)
+    assert ("WARNING: the oracle is not a lower bound here" in text) == bool(beaten)
+    assert all(name in text for name in beaten)
 
 
 @pytest.mark.parametrize("gib", GPU_SIZES_GIB)
@@ -205,3 +217,10 @@ def test_the_offline_oracle_is_beaten_on_a_known_short_day():
     (result,) = run(agent_day(0.05, 1, replace(SMALL_DAY, chat_gap_s=60.0)), [8])
     floor = result.row(ORACLE).stall_s
     assert all(floor <= m.stall_s + 1e-9 for m in result.rows)
+
+
+@pytest.mark.xfail(strict=True, reason="known: on this short 8 GB day (seed 1109, found by the random search above) "
+                   "Mai stalls less than the offline oracle; the oracle is a heuristic lower bound (bench/README.md §3)")
+def test_the_offline_oracle_is_beaten_by_mai_on_a_known_short_day():
+    (result,) = run(agent_day(0.05, 1109, replace(SMALL_DAY, chat_gap_s=60.0)), [8])
+    assert "mai" not in result.oracle_beaten_by
