@@ -266,4 +266,4 @@ def test_mai_mode_wait_shows_what_mai_is_doing_during_a_long_load(tmp_path):
             result = system.cli("mode", "recording", "--wait")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("mode recording reached in ")
-    assert f"mode recording: load {VLM} (" in result.stderr  # not a terminal: one line per step it waited on
+    assert f"mode recording: loading {VLM} for " in result.stderr  # not a terminal: one line per step it waited on
