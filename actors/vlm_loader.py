@@ -72,7 +72,8 @@ class VlmLoader(MaiActor):
             self.log.info("vlm.reachable", host=self.config.ollama.host)
             self._report(PartHealth("vlm", True))
         self.healthy, self.probe_failures = True, 0
-        observed = VlmObserved(model, state is not None, state.size_bytes if state else 0, state.size_vram_bytes if state else 0)
+        observed = VlmObserved(model, state is not None, state.size_bytes if state else 0,
+                               state.size_vram_bytes if state else 0, pinned=state is None or state.pinned)
         if observed != self.observed:
             self.observed = observed
             self._report(observed)
@@ -128,7 +129,7 @@ class VlmLoader(MaiActor):
         if state.partial_offload:
             self.log.warning("vlm.partial_offload", model=msg.model, size=state.size_bytes, size_vram=state.size_vram_bytes)
         self.log.debug("vlm.load_done", model=msg.model, load_s=round(load_s, 3), attempts=attempts, size_vram=state.size_vram_bytes)
-        self.observed = VlmObserved(msg.model, True, state.size_bytes, state.size_vram_bytes)
+        self.observed = VlmObserved(msg.model, True, state.size_bytes, state.size_vram_bytes, pinned=state.pinned)
         self.send(sender, VlmLoaded(msg.step_id, msg.model, state.size_bytes, state.size_vram_bytes, load_s, attempts))
 
     def receiveMsg_UnloadVlm(self, msg: UnloadVlm, sender: Any) -> None:

@@ -86,6 +86,11 @@ class OllamaModelState:
         """Part of the model runs on the CPU: Ollama could not fit it in VRAM."""
         return self.size_vram_bytes < self.size_bytes
 
+    @property
+    def pinned(self) -> bool:
+        """keep_alive forever shows as now + 292 years; anything before year 2300 expires by itself (O17)."""
+        return self.expires_at is not None and self.expires_at.year > 2300
+
 
 @dataclass(frozen=True)
 class OllamaModelInfo:

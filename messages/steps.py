@@ -114,6 +114,7 @@ class VlmObserved:
     loaded: bool
     size_bytes: int = 0
     size_vram_bytes: int = 0
+    pinned: bool = True  # False: loaded, but Ollama unloads it by itself at expires_at (another client's keep_alive)
 
 
 @dataclass(frozen=True)

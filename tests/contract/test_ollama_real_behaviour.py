@@ -184,10 +184,11 @@ def test_the_load_is_always_sent_and_re_pins_a_model_someone_unpinned(double, ad
     other.chat(model=VLM, messages=[{"role": "user", "content": "hi"}], keep_alive="5m",
                options={"num_ctx": 8192})  # same options: no reload, but un-pinned
     assert adapter.state_of(VLM).expires_at - datetime.now(timezone.utc) < timedelta(seconds=301)
+    assert not adapter.state_of(VLM).pinned  # what the loader reports (VlmObserved.pinned)
 
     state = adapter.load(VLM)
 
-    assert state.expires_at.year > 2300 and len(double.events("load")) == 1
+    assert state.pinned and state.expires_at.year > 2300 and len(double.events("load")) == 1
     assert len(double.requests("/api/generate")) == 2
 
 
