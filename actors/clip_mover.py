@@ -9,12 +9,16 @@ missing, this process answers the sampler's ReadCudaMemory with `torch.cuda.mem_
 
 from __future__ import annotations
 
+import datetime
 import os
 import time
 from typing import Any, Callable
 
+from thespian.actors import WakeupMessage
+
 from actors.base import MaiActor
 from bootstrap.paths import ledger_path
+from mai.core.clip_creation import creation_failure
 from mai.core.gpu_device import normalise_uuid, resolve_cuda_index
 from messages.errors import MaiError, NoGpu, NotRunning
 from messages.failure import Failure
@@ -23,6 +27,7 @@ from messages.resources import CudaMemory, ReadCudaMemory, VramSnapshot
 from messages.steps import ClipMoved, ClipObserved, MoveClip, PartHealth, Reobserve, StepFailed
 from messages.system import Init
 
+RETRY_CREATE = "create_clip"  # the wakeup that tries to create the model again
 CUDA_DEVICE_ORDER = "PCI_BUS_ID"  # NVML's order; read by CUDA only at its start, so set before the first CUDA call
 
 
@@ -38,6 +43,7 @@ class ClipMover(MaiActor):
         self.gpu_uuid = ""
         self.memory_reader: Any = None  # the sampler, once it asked for torch readings: pushed one after each move
         self.measured_bytes: int | None = None  # what the last move to the GPU took by NVML (context included)
+        self.create_failures = 0  # tries to create the model that failed in a row (the retry backoff counts them)
 
     def on_init(self, init: Init) -> None:
         if os.environ.get("CUDA_DEVICE_ORDER") != CUDA_DEVICE_ORDER:
@@ -45,18 +51,36 @@ class ClipMover(MaiActor):
                           now=CUDA_DEVICE_ORDER, reason="match NVML's PCI bus order")
             os.environ["CUDA_DEVICE_ORDER"] = CUDA_DEVICE_ORDER
         if self.adapter is None:
-            began = time.monotonic()
-            try:
-                from backends.sim_clip import make_clip_adapter
-
-                self.adapter = make_clip_adapter(init.config, ledger_path(init.config))
-                self.failure = None
-                self.log.info("clip.ready", model=init.config.clip.model, footprint=self.adapter.footprint_bytes,
-                              create_s=round(time.monotonic() - began, 3))
-            except MaiError as err:
-                self.failure = f"CLIP model {init.config.clip.model!r} unavailable: {err}"
-                self.log.error("clip.unavailable", reason=self.failure)
+            self._observe()  # a fresh mover holds nothing on the GPU: say so before the (slow) creation
+            self._create()
         self._observe()
+
+    def _create(self) -> None:
+        """Create the model; any failure becomes the degraded reason naming its cause (mai.core.clip_creation), and
+        only a cause that can change by itself (Hugging Face unreachable) is tried again, on a timer."""
+        began = time.monotonic()
+        model = self.config.clip.model
+        try:
+            from backends.sim_clip import make_clip_adapter  # imports torch: a broken install fails right here
+
+            self.adapter = make_clip_adapter(self.config, ledger_path(self.config))
+        except Exception as err:  # noqa: BLE001 - SafetensorError, ImportError...: each one is reported, none lost
+            self.create_failures += 1
+            outcome = creation_failure(model, err, self.create_failures)
+            self.failure = outcome.reason
+            self.log.error("clip.unavailable", reason=self.failure, error_type=type(err).__name__,
+                           retry_in_s=outcome.retry_in_s, failures=self.create_failures)
+            if outcome.retry_in_s is not None:
+                self.wakeupAfter(datetime.timedelta(seconds=outcome.retry_in_s), payload=RETRY_CREATE)
+            return
+        self.failure, self.create_failures = None, 0
+        self.log.info("clip.ready", model=model, footprint=self.adapter.footprint_bytes,
+                      create_s=round(time.monotonic() - began, 3))
+
+    def receiveMsg_WakeupMessage(self, msg: WakeupMessage, sender: Any) -> None:
+        if msg.payload == RETRY_CREATE and self.adapter is None:
+            self._create()
+            self._observe()
 
     def _gpu(self) -> int:
         """The CUDA index of Mai's GPU (see the module doc); a mismatch marks CLIP degraded and raises NoGpu."""
@@ -101,9 +125,10 @@ class ClipMover(MaiActor):
             return
         self.send(coordinator, PartHealth("clip", self.failure is None, self.failure or ""))
         if self.adapter is not None:
-            self.send(coordinator, ClipObserved(self.adapter.device, self._footprint(), True, self.config.clip.model))
+            self.send(coordinator, ClipObserved(self.adapter.device, self._footprint(), True, self.config.clip.model,
+                                                os.getpid()))
         else:
-            self.send(coordinator, ClipObserved("cpu", 0, False, self.config.clip.model))
+            self.send(coordinator, ClipObserved("cpu", 0, False, self.config.clip.model, os.getpid()))
 
     def receiveMsg_Reobserve(self, msg: Reobserve, sender: Any) -> None:
         self._observe()

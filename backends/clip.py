@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from backends.shm import SHM_DIR, shm_free_bytes
-from messages.errors import InvalidRequest, LoadFailed, NoGpu, OutOfMemory, PredictionFailed
+from messages.errors import BackendUnavailable, InvalidRequest, LoadFailed, NoGpu, OutOfMemory, PredictionFailed
 
 log = structlog.get_logger(__name__)
 
@@ -518,22 +518,57 @@ def _create_on_cpu(
     except ModuleNotFoundError as exc:
         raise LoadFailed(
             f"cannot build OpenCLIP {model_name!r}: it needs the missing module {exc.name!r}",
-            details={"model_name": model_name, "missing_module": exc.name},
+            details={"model_name": model_name, "missing_module": exc.name, "retryable": False},
         ) from None
-    except (RuntimeError, OSError, ValueError) as exc:
-        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-        hint = (
-            " (HF_HUB_OFFLINE is set: tags load only from the local Hugging Face cache; pass a checkpoint path)"
-            if offline and pretrained is not None
-            else ""
-        )
-        raise LoadFailed(
-            f"cannot load OpenCLIP {model_name!r} with pretrained={pretrained!r}: {_first_line(exc)}{hint}",
-            details={"model_name": model_name, "pretrained": pretrained, "cause": _first_line(exc)},
-        ) from None
+    except Exception as exc:  # noqa: BLE001 - every creation failure becomes ours, once (SafetensorError included)
+        raise _creation_error(model_name, pretrained, exc) from None
     model.eval()
     model.requires_grad_(False)
     return model, preprocess, tokenizer
+
+
+def _creation_error(model_name: str, pretrained: str | None, exc: Exception) -> LoadFailed | BackendUnavailable:
+    """What creating CLIP failed on, as ours. Weights Hugging Face could not deliver (no network, or HF_HUB_OFFLINE
+    with the tag not cached: huggingface_hub's LocalEntryNotFoundError, or its transport error, wrapped by open_clip
+    in FileNotFoundError then RuntimeError) may come by themselves: BackendUnavailable, retryable. Anything else (a
+    corrupt checkpoint's SafetensorError, a torch checkpoint that does not unpickle, an ImportError deep in torch)
+    stays until someone fixes it: LoadFailed, not retryable. Both name the innermost cause and its type."""
+    chain = _exception_chain(exc)
+    network = next((e for e in chain if _is_network_error(e)), None)
+    root = network or chain[-1]
+    cause = f"{type(root).__name__}: {_first_line(root)}"
+    details = {"model_name": model_name, "pretrained": pretrained, "cause": cause, "cause_type": type(root).__name__}
+    if network is not None:
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        hint = ("HF_HUB_OFFLINE is set: tags load only from the local Hugging Face cache; pass a checkpoint path"
+                if offline else "Hugging Face is unreachable: the weights come once it answers, or pass a checkpoint path")
+        return BackendUnavailable(
+            f"cannot fetch OpenCLIP {model_name!r} weights pretrained={pretrained!r}: {cause} ({hint})",
+            details={**details, "retryable": True})
+    what = "checkpoint file" if pretrained is not None and os.path.isfile(pretrained) else "pretrained"
+    return LoadFailed(f"cannot load OpenCLIP {model_name!r} with {what} {pretrained!r}: {cause}",
+                      details={**details, "retryable": False})
+
+
+def _exception_chain(exc: BaseException) -> list[BaseException]:
+    """`exc`, then what it was raised from or during, innermost last (open_clip re-raises inside `except`)."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def _is_network_error(exc: BaseException) -> bool:
+    """huggingface_hub's own 'not reachable and not cached' error, or the HTTP client's transport errors."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    if isinstance(exc, LocalEntryNotFoundError):
+        return True
+    module = type(exc).__module__.split(".")[0]
+    return module in ("httpx", "httpcore", "requests", "urllib3") and any(
+        word in type(exc).__name__ for word in ("Connect", "Timeout", "Network", "Transport", "Protocol"))
 
 
 def _copy_module(master: torch.nn.Module, device: torch.device, float_dtype: torch.dtype) -> torch.nn.Module:

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from backends.clip import OpenClipAdapter, write_images_to_shm
-from messages.errors import InvalidRequest, LoadFailed, NoGpu, Reason
+from messages.errors import BackendUnavailable, InvalidRequest, LoadFailed, NoGpu, Reason
 
 TINY = "ViT-Tiny-test"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -231,16 +231,18 @@ def test_bad_precision_and_pretrained_values_are_invalid_requests() -> None:
         OpenClipAdapter("ViT-B-32", "no-such-tag")
 
 
-def test_pretrained_tag_not_in_the_offline_cache_is_a_load_failure(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+def test_pretrained_tag_not_in_the_offline_cache_is_backend_unavailable(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    # Issue 12 hole 2: weights Hugging Face cannot deliver may come by themselves (retryable), unlike a bad file.
     # huggingface_hub reads these at call time: offline with an empty cache, whatever this machine downloaded.
     constants = pytest.importorskip("huggingface_hub.constants")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(LoadFailed) as info:
+    with pytest.raises(BackendUnavailable) as info:
         OpenClipAdapter("ViT-B-32", "openai")
     assert "'openai'" in str(info.value) and "HF_HUB_OFFLINE" in str(info.value)
-    assert info.value.reason is Reason.LOAD_FAILED
+    assert info.value.reason is Reason.BACKEND_UNREACHABLE
+    assert info.value.details["retryable"] is True and info.value.details["cause_type"] == "LocalEntryNotFoundError"
 
 
 def test_importing_the_vram_backend_does_not_import_torch() -> None:
