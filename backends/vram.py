@@ -1,7 +1,8 @@
 """VRAM probes: the only module that imports pynvml (nvidia-ml-py) and psutil.
 
 In: a backend name ("nvml" or "simulated") and a device (NVML index or GPU UUID). Out: `VramSnapshot`s naming the
-GPU by name and UUID, and Mai errors (never NVML's). `open_vram_probe` picks the probe: NVML on a real GPU; without
+GPU by name and UUID, with each process's use where NVML reports it (named through psutil), and Mai errors (never
+NVML's). `open_vram_probe` picks the probe: NVML on a real GPU; without
 one, host memory through psutil, with a sentence saying why, so status still has numbers and names its
 degradation. Whether an NVML failure is worth retrying is in `NoGpu.details["permanent"]`: only a missing NVML
 library is (real-servers.md N4); the sampler retries the rest with backoff.
@@ -20,7 +21,7 @@ import pynvml
 import structlog
 
 from messages.errors import InvalidRequest, NoGpu
-from messages.resources import VramSnapshot
+from messages.resources import GpuProcess, VramSnapshot
 
 log = structlog.get_logger(__name__)
 
@@ -39,6 +40,10 @@ _NO_MEMORY_V2 = tuple(
     for name in ("NVMLError_FunctionNotFound", "NVMLError_ArgumentVersionMismatch", "NVMLError_NotSupported")
     if hasattr(pynvml, name)
 )
+
+# Per-process queries: the unversioned names call v3; a driver without v3 raises FunctionNotFound, which
+# nvidia-ml-py's throwOnVersionMismatch turns into NVMLLibraryMismatchError, after which v2 is used.
+_PROCESS_QUERIES = ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetGraphicsRunningProcesses")
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 HOST_MEMORY_NAME = "host memory (no GPU)"
@@ -75,6 +80,8 @@ class NvmlProbe:
             raise _no_gpu(_nvml_text(exc), device, permanent=False) from None
         self._initialised = True
         self._memory_v2 = True
+        self._processes_v3 = True
+        self._per_process_note: str | None = None  # the last answer, to log only its changes
         try:
             self._handle = _device_handle(device)
             self.device_name = _as_text(pynvml.nvmlDeviceGetName(self._handle))
@@ -98,14 +105,19 @@ class NvmlProbe:
                 f"NVML memory query failed on device {self.device!r}: {cause}",
                 details={"cause": cause, "device": self.device, "permanent": False},
             ) from None
+        taken_at = time.time()
+        processes, note = self._processes()
         return VramSnapshot(
             total_bytes=int(info.total),
             used_bytes=int(info.used),
             free_bytes=int(info.free),
             source=self.source,
             device_name=self.device_name,
-            taken_at=time.time(),
+            taken_at=taken_at,
             device_uuid=self.device_uuid,
+            processes=processes or (),
+            per_process=processes is not None,
+            per_process_note=note,
         )
 
     def close(self) -> None:
@@ -122,6 +134,38 @@ class NvmlProbe:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+    def _processes(self) -> tuple[tuple[GpuProcess, ...] | None, str]:
+        """Each process's used bytes (compute and graphics lists; a process in both is one context, counted once), or
+        None with the reason: WDDM reports usedGpuMemory=None, WSL2 answers NotSupported (real-servers.md N2). A
+        failing process query never fails the reading: the device-wide figures stand without it."""
+        used: dict[int, int] = {}
+        note = ""
+        try:
+            for query in _PROCESS_QUERIES:
+                for info in self._running(query):
+                    if info.usedGpuMemory is None:
+                        note = "NVML reports no per-process memory here (usedGpuMemory is None, as under Windows WDDM)"
+                        break
+                    used[int(info.pid)] = max(used.get(int(info.pid), 0), int(info.usedGpuMemory))
+                if note:
+                    break
+        except _NVML_ERRORS as exc:
+            note = f"NVML cannot list the GPU's processes here ({_nvml_text(exc)}; WSL2 answers NotSupported)"
+        if note != self._per_process_note:
+            self._per_process_note = note
+            log.info("nvml.per_process", available=not note, reason=note or "reported")
+        if note:
+            return None, note
+        return tuple(_named_process(pid, nbytes) for pid, nbytes in sorted(used.items())), ""
+
+    def _running(self, query: str) -> list:
+        if self._processes_v3:
+            try:
+                return getattr(pynvml, query)(self._handle)
+            except pynvml.NVMLLibraryMismatchError:
+                self._processes_v3 = False
+        return getattr(pynvml, query + "_v2")(self._handle)
 
     def _memory_info(self):
         # v1 counts driver-reserved memory as used (~0.9 GB on an idle A100); v2 matches nvidia-smi.
@@ -253,6 +297,20 @@ def _read_int(path: Path) -> int | None:
     except OSError:
         return None
     return int(text) if text.isdigit() else None  # "max" and anything odd: no limit
+
+
+def _named_process(pid: int, used_bytes: int) -> GpuProcess:
+    """A row named through psutil; a process it cannot see (gone, access denied, a host PID outside this container's
+    PID namespace) keeps an empty name."""
+    name = parent_name = ""
+    try:
+        process = psutil.Process(pid)
+        name = process.name()
+        parent = process.parent()
+        parent_name = parent.name() if parent is not None else ""
+    except psutil.Error:
+        pass
+    return GpuProcess(pid=pid, name=name, used_bytes=used_bytes, parent_name=parent_name)
 
 
 def _device_handle(device: int | str):

@@ -164,6 +164,23 @@ def doing_text(step: str, seconds: float | None) -> str:
     return text if seconds is None else f"{text} for {seconds:.0f} s"
 
 
+def _gb(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.1f} GB"
+
+
+def processes_text(use: dict | None, vram: dict, source: str) -> str:
+    """Who holds the GPU, from NVML's per-process figures: "mai 5.7 GB (ollama 5.1 GB, clip 0.6 GB); other programs:
+    1.2 GB (firefox 0.8 GB, Xorg 0.4 GB)"; without them, why not."""
+    if use is None:
+        why = vram.get("per_process_note") or f"{source} does not report them"
+        return f"no per-process figures ({why}): other programs are counted in the device-wide use only"
+    mai = sum(part["bytes"] for part in use["mai"])
+    parts = ", ".join(f"{part['part']} {_gb(part['bytes'])}" for part in use["mai"])
+    others = ", ".join(f"{row['name']} {_gb(row['bytes'])}" for row in use["other_programs"])
+    return (f"mai {_gb(mai)}" + (f" ({parts})" if parts else "") + f"; other programs: {_gb(use['other_bytes'])}"
+            + (f" ({others})" if others else ""))
+
+
 def status_text(data: dict) -> str:
     lines = [f"Mai {data['version']} on {data['address']}, up {data['uptime_s']:.0f} s"]
     gpu = data.get("gpu")
@@ -179,6 +196,8 @@ def status_text(data: dict) -> str:
                          f"{_mib(vram['total_bytes'])} ({what}, via {source}); reserve {_mib(gpu['reserve_bytes'])}")
             if vram.get("device_uuid"):
                 lines.append(f"gpu        {vram['device_name']} {vram['device_uuid']}")
+            if vram["gpu_present"]:
+                lines.append(f"processes  {processes_text(gpu.get('gpu_use'), vram, source)}")
         vlm = gpu["vlm"]
         offload = " PARTIAL CPU OFFLOAD" if vlm.get("partial_offload") else ""
         vlm_state = vlm["state"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from messages.base import check_choice, check_instance, check_int, check_number, check_text
+from messages.base import check_choice, check_instance, check_int, check_number, check_text, invalid
 
 VRAM_SOURCES = ("nvml", "torch", "psutil", "simulated")
 
@@ -18,11 +18,33 @@ SOURCE_TEXT = {
 
 
 @dataclass(frozen=True)
+class GpuProcess:
+    """One process's use of the GPU as NVML reports it (its CUDA context included). `name` and `parent_name` come
+    from psutil and are empty when it cannot tell (access denied, the process gone, or a host PID that a
+    container's PID namespace does not show: real-servers.md N2)."""
+
+    pid: int
+    name: str
+    used_bytes: int
+    parent_name: str = ""
+
+    def __post_init__(self) -> None:
+        check_int(self, "pid")
+        check_text(self, "name", allow_empty=True, max_len=256)
+        check_int(self, "used_bytes")
+        check_text(self, "parent_name", allow_empty=True, max_len=256)
+
+
+@dataclass(frozen=True)
 class VramSnapshot:
     """One reading of device memory. `source` says how it was read: NVML, `torch.cuda.mem_get_info` in the CLIP
     process (a container without the NVML library still has CUDA), psutil (no GPU: host RAM stands in, and
     `gpu_present` is False) or the simulated GPU ledger used by tests and `mai demo`. `device_uuid` names the
-    physical GPU ("GPU-..."; empty when there is none or the source cannot tell)."""
+    physical GPU ("GPU-..."; empty when there is none or the source cannot tell).
+
+    `per_process` is True when NVML reported every process's used bytes; `processes` then lists them (possibly
+    none). Otherwise `processes` is empty and `per_process_note` says why (WDDM reports no figures, WSL2 answers
+    NotSupported; N2), so footprints fall back to the device-wide change."""
 
     total_bytes: int
     used_bytes: int
@@ -32,6 +54,9 @@ class VramSnapshot:
     taken_at: float  # time.time() of the reading
     gpu_present: bool = True
     device_uuid: str = ""
+    processes: tuple[GpuProcess, ...] = ()
+    per_process: bool = False
+    per_process_note: str = ""  # why per-process figures are missing (empty when present or never asked for)
 
     def __post_init__(self) -> None:
         for name in ("total_bytes", "used_bytes", "free_bytes"):
@@ -41,6 +66,16 @@ class VramSnapshot:
         check_number(self, "taken_at")
         check_instance(self, "gpu_present", bool)
         check_text(self, "device_uuid", allow_empty=True, max_len=96)
+        check_instance(self, "processes", tuple)
+        check_instance(self, "per_process", bool)
+        check_text(self, "per_process_note", allow_empty=True, max_len=500)
+        pids = set()
+        for row in self.processes:
+            if not isinstance(row, GpuProcess) or row.pid in pids:
+                raise invalid("VramSnapshot", "processes", self.processes, "a tuple of GpuProcess with distinct pids")
+            pids.add(row.pid)
+        if self.processes and not self.per_process:
+            raise invalid("VramSnapshot", "processes", self.processes, "() unless per_process is True")
 
     @property
     def used_fraction(self) -> float:

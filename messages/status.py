@@ -33,6 +33,19 @@ class ClipStatus:
 
 
 @dataclass(frozen=True)
+class GpuUseStatus:
+    """The last reading's per-process rows (NVML), attributed by mai.core.attribution: bytes per part of Mai
+    ("ollama", "lmstudio", "clip") and other programs' bytes by process name, largest first."""
+
+    mai: tuple[tuple[str, int], ...]
+    others: tuple[tuple[str, int], ...]
+
+    @property
+    def other_bytes(self) -> int:
+        return sum(n for _, n in self.others)
+
+
+@dataclass(frozen=True)
 class Status:
     request_id: str
     mode: str
@@ -49,10 +62,16 @@ class Status:
     chat_footprint_bytes: int = 0  # what the chat model holds, as Mai counts it (0: none loaded)
     chat_footprint_learned: bool = False  # measured, else declared
     step_in_flight_s: float | None = None  # how long the step in flight has run (a cold VLM load takes minutes)
+    gpu_use: GpuUseStatus | None = None  # None: no per-process figures (vram.per_process_note says why)
+    fits_against: str = ""  # which reading the fit checks use (NVML, torch in the CLIP process, host memory, none yet)
 
     def to_dict(self) -> dict:
         data = asdict(self)
         data["vlm"]["partial_offload"] = self.vlm.partial_offload
         data["degraded"] = [{"part": p, "reason": r} for p, r in self.degraded]
         data["plan"] = list(self.plan)
+        if self.gpu_use is not None:
+            data["gpu_use"] = {"mai": [{"part": p, "bytes": n} for p, n in self.gpu_use.mai],
+                               "other_programs": [{"name": name, "bytes": n} for name, n in self.gpu_use.others],
+                               "other_bytes": self.gpu_use.other_bytes}
         return data

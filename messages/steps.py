@@ -123,6 +123,7 @@ class ClipObserved:
     footprint_bytes: int
     ready: bool
     model: str
+    pid: int = 0  # the CLIP process: tells its row in NVML's per-process figures apart (0: not known)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, Union
 
 from mai.core.chat_gate import CHAT_LOAD, CHAT_UNLOAD, chat_refusal, grantable_bytes
+from mai.core.attribution import Owner, split_use
 from mai.core.footprints import footprint_key, judge_delta, parse_footprints
+from mai.core.retry import Backoff
 from mai.core.plan import (
     ALLOCATING_KINDS,
     CONFIRM_FREE,
@@ -73,8 +75,8 @@ from messages.requests import (
     SetMode,
     VlmReady,
 )
-from messages.resources import VramSnapshot
-from messages.status import ClipStatus, Status, VlmStatus
+from messages.resources import SOURCE_TEXT, VramSnapshot
+from messages.status import ClipStatus, GpuUseStatus, Status, VlmStatus
 from messages.steps import (
     ClipMoved,
     ClipObserved,
@@ -101,6 +103,9 @@ DEFAULT_CLIP_MB = 600  # OpenCLIP ViT-B-32 in fp32, until the first move measure
 DEFAULT_VLM_MB = 8192  # only when the config gives none: a 7B VLM takes 5-8 GB
 EVICTED_BY_OLLAMA = "evicted_by_ollama"
 OOM_REASONS = frozenset({Reason.INSUFFICIENT_VRAM.value, Reason.OUT_OF_MEMORY.value})
+# A sampler that cannot read (GPU lost, driver reset) is asked again after 1 s, then twice as long up to a minute:
+# asked before every freeing step instead, it livelocked the coordinator (issue 12, hole 3).
+READ_RETRY = Backoff(initial_s=1.0, max_s=60.0)
 
 
 # --- settings ---------------------------------------------------------------------------------------------------
@@ -134,6 +139,7 @@ class CoordinatorSettings:
     # they are off the GPU, so it need not yield (and be loaded again) each time the agent comes back for them.
     chat_leaves_room: bool = True
     chat_declared_bytes: Mapping[str, int] = field(default_factory=dict)  # catalog key -> declared footprint
+    chat_backends: Mapping[str, str] = field(default_factory=dict)  # catalog key -> "lmstudio" | "ollama"
     # Ollama evicts a pinned VLM by itself (real-servers.md O9-O11); Mai reloads it. After this many evictions within
     # the window it stops reloading for a while (doubling) and says so, instead of spinning against Ollama.
     evictions_before_backoff: int = 3
@@ -193,6 +199,7 @@ class CoordinatorSettings:
             reserve_bytes=int(cfg.gpu.reserve_mb * MIB),
             chat_min_bytes=int(chat_min_mb * MIB),
             chat_declared_bytes={key: int(mb * MIB) for key, mb in footprints_mb.items()},
+            chat_backends={m.key: m.backend for m in getattr(cfg, "models", ())},
             chat_leaves_room=bool(getattr(getattr(cfg, "chat", None), "leave_room_for_agent", True)),
             idle_timeout_s=float(ollama.idle_timeout_s),
             default_lease_ttl_s=float(ollama.lease_ttl_s),
@@ -335,6 +342,7 @@ class _Measure:
     declared_bytes: int
     step_id: str
     before: VramSnapshot
+    owner: Owner | None  # whose processes load it (NVML's per-process rows); None: only the device-wide change
     completed_at: float | None = None
     next_step_at: float | None = None  # when Mai's next VRAM-changing step was sent (readings after it are spoiled)
 
@@ -373,6 +381,7 @@ class Coordinator:
         self._evicted_until = float("-inf")  # no reload before this (evicted too often)
         self._evicted_note: str | None = None  # why reloads are held back (degraded part "vlm" in status)
         self._clip_reported = 0  # what the mover says CLIP takes (its parameter bytes): until measured
+        self._clip_pid = 0  # the CLIP process, to tell its row in NVML's per-process figures (0: not known)
         self._vlm_state = "unknown"
         self._vlm_size_bytes = 0
         self._vlm_size_vram_bytes = 0
@@ -388,6 +397,8 @@ class Coordinator:
         self._pin: str | None = None
         self._health: dict[str, str] = {}  # part -> reason, from PartHealth / VramReading
         self._vram_short: str | None = None  # why the last allocation was refused (degraded part "gpu")
+        self._reads_failing: str | None = None  # why the sampler cannot read (degraded part "gpu"), until it can
+        self._read_failures = 0  # in a row: the backoff before the next read
         self._inflight: _InFlight | None = None
         self._retry_after: dict[str, tuple[float, str]] = {}  # step kind -> (until, why)
         self._last_used_at = now  # idle timer reference
@@ -473,7 +484,17 @@ class Coordinator:
             chat_footprint_bytes=self._chat_bytes,
             chat_footprint_learned=self._chat_key is not None and self._measured(self._chat_key),
             step_in_flight_s=round(now - self._inflight.sent_at, 1) if self._inflight else None,
+            fits_against=self._fits_against(now),
+            gpu_use=self._gpu_use(),
         )
+
+    def _gpu_use(self) -> GpuUseStatus | None:
+        """The last reading's per-process rows, attributed (None without them: status says why not)."""
+        snap = self._snapshot
+        if snap is None or not snap.per_process:
+            return None
+        use = split_use(snap.processes, self._clip_pid)
+        return GpuUseStatus(tuple((owner.value, n) for owner, n in use.mai), use.others)
 
     # --- requests ------------------------------------------------------------------------------------------------
 
@@ -605,6 +626,8 @@ class Coordinator:
         was = self._clip_placement
         self._clip_device, self._clip_placement = msg.device, _placement(msg.device)
         self._clip_ready, self._clip_model = msg.ready, msg.model
+        if msg.pid > 0:
+            self._clip_pid = msg.pid
         if msg.footprint_bytes > 0:
             self._clip_reported = msg.footprint_bytes
         if was != self._clip_placement:
@@ -770,7 +793,14 @@ class Coordinator:
             fx.append(Log("vlm.reobserve", {"reason": "out_of_memory", "step": inflight.step.description}))
             fx.append(ReobserveVlm())
         if kind in (CONFIRM_FREE, READ_VRAM):
-            self._unconfirmed = None  # the sampler cannot read: go on with the last reading (freed bytes not counted)
+            # The sampler cannot read: go on with the last reading (freed bytes not counted), read again after a
+            # backoff, and let freeing steps run meanwhile (they never over-commit); allocating ones wait.
+            self._unconfirmed = None
+            self._read_failures += 1
+            backoff = READ_RETRY.delay(self._read_failures + 1)
+            why = f"VRAM readings failing: {failure.message}; reading again in {backoff:g} s"
+            self._retry_after[READ_VRAM] = self._retry_after[CONFIRM_FREE] = (now + backoff, why)
+            self._set_reads_failing(why, now, fx)
             return
         if kind in (CHAT_LOAD, CHAT_UNLOAD):
             if kind == CHAT_LOAD and failure.reason != Reason.CANCELLED:
@@ -832,6 +862,10 @@ class Coordinator:
                 plan = self._plan(now)
             break
         plan = self._serve_chat(plan, now, fx)
+        if self._reads_failing is not None and self._inflight is None and plan.next_step is None \
+                and READ_VRAM not in self._retry_after:
+            # Read again once the backoff is over even when no step needs it: only a reading says the GPU is back.
+            self._send(PlannedStep(READ_VRAM, "read VRAM again", 0, "reads_failing"), now, fx)
         if self._inflight is None:
             # Refusals that persist (the mode's own steps) are published once, not on every re-plan.
             self._refused = frozenset(r.key for r in plan.refusals)
@@ -1325,7 +1359,17 @@ class Coordinator:
         if why is not None:
             fx.append(Log("footprint.not_measured", {"part": part, "model": model, "reason": why}))
             return
-        self._measure = _Measure(part, model, context, declared, step_id, snap)
+        self._measure = _Measure(part, model, context, declared, step_id, snap, self._owner(part, model))
+
+    def _owner(self, part: str, model: str) -> Owner | None:
+        """Whose processes a load by `part` grows (mai.core.attribution); None when the chat model's backend is not
+        in the catalog."""
+        if part == "vlm":
+            return Owner.OLLAMA
+        if part == "clip":
+            return Owner.CLIP
+        backend = self.settings.chat_backends.get(model)
+        return Owner(backend) if backend in ("ollama", "lmstudio") else None
 
     def _step_begins(self, now: float) -> None:
         """Mai changes VRAM again: a reading from now on no longer shows the measured load alone."""
@@ -1345,6 +1389,8 @@ class Coordinator:
 
     def _take_reading(self, snapshot: VramSnapshot, fx: list[Effect]) -> None:
         self._apply_snapshot(snapshot)
+        if self._reads_failing is not None:
+            self._set_reads_failing(None, snapshot.taken_at, fx)
         m = self._measure
         if m is None or m.completed_at is None or snapshot.taken_at < m.completed_at:
             return  # nothing measured, or a reading from before the load was done
@@ -1353,7 +1399,7 @@ class Coordinator:
             fx.append(Log("footprint.not_measured", {"part": m.part, "model": m.model,
                                                      "reason": "Mai's next step began before a reading came"}))
             return
-        verdict = judge_delta(m.before, snapshot, m.declared_bytes)
+        verdict = judge_delta(m.before, snapshot, m.declared_bytes, m.owner, self._clip_pid)
         if verdict.nbytes is None:
             fx.append(Log("footprint.rejected", {"part": m.part, "key": m.key, "reason": verdict.reason,
                                                  "declared_bytes": m.declared_bytes}))
@@ -1372,12 +1418,24 @@ class Coordinator:
             fx.append(Tell("chat", event))  # the agent chooses its model by footprint
 
     def _gpu(self) -> bool | None:
-        """True: a GPU to plan on. False: none (a failing NVML counts as none). None: no reading yet."""
-        if "gpu" in self._health:
-            return False
+        """True: a GPU to plan on (read by NVML, or by torch in the CLIP process where NVML is missing). False: the
+        reading is host memory (psutil stands in: NVML and CUDA both unusable). None: no reading yet. A degraded
+        `gpu` says where readings come from; it never turns the fit checks off (issue 12, hole 7)."""
         if self._snapshot is None:
             return None
         return self._snapshot.gpu_present
+
+    def _fits_against(self, now: float) -> str:
+        """Which reading the fit checks use, for status."""
+        snap = self._snapshot
+        if snap is None:
+            return "no reading yet: chat loads and GPU steps wait for one"
+        text = SOURCE_TEXT.get(snap.source, snap.source)
+        if not snap.gpu_present:
+            text += " (no GPU reading: chat grants are bounded by host memory)"
+        if self._reads_failing is not None:
+            text += f"; the last reading is {max(0.0, now - snap.taken_at):.0f} s old (readings failing)"
+        return text
 
     def _free_estimate(self) -> int | None:
         """The last reading's free bytes minus what Mai allocated since it was taken; freed bytes count only once
@@ -1418,6 +1476,21 @@ class Coordinator:
             fx.append(Log("part.degraded", {"part": part, "reason": reason}))
             fx.append(Publish(Degraded(part, reason, at=now)))
 
+    def _set_reads_failing(self, reason: str | None, now: float, fx: list[Effect]) -> None:
+        """The sampler's reads failing (or readable again) show as a degraded GPU; said once per change."""
+        if reason is None:
+            self._read_failures = 0
+            self._retry_after.pop(READ_VRAM, None)
+            self._retry_after.pop(CONFIRM_FREE, None)
+        if (reason is None) == (self._reads_failing is None):
+            self._reads_failing = reason
+            return
+        self._reads_failing = reason
+        fx.append(Log("vram.reads_failing" if reason else "vram.reads_recovered", {"reason": reason or "a reading came"}))
+        if "gpu" in self._health:
+            return  # the sampler's own report is what status shows
+        fx.append(Publish(Degraded("gpu", reason, at=now) if reason else Recovered("gpu", at=now)))
+
     def _set_vram_short(self, reason: str | None, now: float, fx: list[Effect]) -> None:
         if reason == self._vram_short:
             return
@@ -1437,6 +1510,8 @@ class Coordinator:
 
     def _degraded(self) -> tuple[tuple[str, str], ...]:
         parts = dict(self._health)
+        if self._reads_failing and "gpu" not in parts:
+            parts["gpu"] = self._reads_failing
         if self._vram_short and "gpu" not in parts:
             parts["gpu"] = self._vram_short
         if self._evicted_note and "vlm" not in parts:

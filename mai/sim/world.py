@@ -51,7 +51,7 @@ from mai.core.coordinator import (
     Tick,
     WakeAt,
 )
-from mai.core.sampler import SamplerCore
+from mai.core.sampler import SamplerCore, fallback_reason
 from messages.conversation import (
     ChatGrant,
     ChatLoaded,
@@ -64,7 +64,7 @@ from messages.conversation import (
 from messages.errors import Reason
 from messages.events import ModelSwitched, ResourceChanged
 from messages.failure import Failure
-from messages.resources import VramSnapshot
+from messages.resources import GpuProcess, VramSnapshot
 from messages.steps import (
     ClipMoved,
     ClipObserved,
@@ -82,6 +82,8 @@ from messages.steps import (
 
 MIB = 2**20
 GIB = 2**30
+# The VramSampler's words when NVML fails mid-run and CUDA fails too (mai/core/sampler.py, fallback_reason).
+NVML_LOST = fallback_reason("GPU is lost", False, False, "CUDA unusable in the CLIP process")
 
 
 # --- the GPU ledger ------------------------------------------------------------------------------------------------
@@ -115,8 +117,9 @@ class VramLedger:
     simulated day stays linear in its length): what is held, the peak, and every allocation refused for memory."""
 
     def __init__(self, total_bytes: int, *, gpu_present: bool = True, device_name: str = "sim-gpu",
-                 host_total_bytes: int = 64 * GIB) -> None:
+                 host_total_bytes: int = 64 * GIB, per_process: bool = False) -> None:
         self.total_bytes = total_bytes
+        self.per_process = per_process  # readings carry NVML-like per-process rows (PROCESSES: one per owner)
         self.gpu_present = gpu_present
         self.device_name = device_name
         self.host_total_bytes = host_total_bytes
@@ -162,7 +165,21 @@ class VramLedger:
         if not self.gpu_present:  # psutil stand-in: host RAM, nothing Mai places on a GPU
             used = self.host_total_bytes // 4
             return VramSnapshot(self.host_total_bytes, used, self.host_total_bytes - used, "psutil", "host", now, False)
-        return VramSnapshot(self.total_bytes, self.used_bytes, self.free_bytes, "simulated", self.device_name, now)
+        if not self.per_process:
+            return VramSnapshot(self.total_bytes, self.used_bytes, self.free_bytes, "simulated", self.device_name, now)
+        rows = tuple(GpuProcess(pid, name, self.held(owner), parent) for owner, (pid, name, parent) in PROCESSES.items()
+                     if self.held(owner))
+        return VramSnapshot(self.total_bytes, self.used_bytes, self.free_bytes, "simulated", self.device_name, now,
+                            processes=rows, per_process=True)
+
+
+CLIP_PID = 4242
+PROCESSES = {  # owner -> (pid, name, parent's name) as NVML and psutil would show them (mai/sim/nvml.py)
+    "vlm": (4300, "llama-server", "ollama"),
+    "chat": (4400, "lm-studio", ""),
+    "clip": (CLIP_PID, "python3", "python3"),
+    "external": (4500, "firefox", "systemd"),
+}
 
 
 # --- executors -------------------------------------------------------------------------------------------------------
@@ -313,13 +330,14 @@ class SimWorld:
         observe_at_start: bool = True,
         observers: Iterable[Observer] = (),
         chat_models: Sequence[ChatModelSpec] = DEFAULT_CHAT_MODELS,
+        per_process: bool = False,
     ) -> None:
         self.settings = settings
         self.now = start_at
         self.timings = timings or Timings()
         self.observers: list[Observer] = list(observers)
         self.turn_observers: list[TurnObserver] = []  # the agent's side of a turn, which no message shows
-        self.ledger = VramLedger(gpu_total_bytes, gpu_present=gpu_present)
+        self.ledger = VramLedger(gpu_total_bytes, gpu_present=gpu_present, per_process=per_process)
         self.gpu_healthy = True
         self.external: Allocation | None = None
         if external_bytes and gpu_present:
@@ -356,7 +374,8 @@ class SimWorld:
         if observe_at_start:
             self.deliver(VramReading("watch", self.ledger.snapshot(self.now), None), "sampler")
             self.deliver(self._vlm_observation(), "vlm")
-            self.deliver(ClipObserved(self._clip_device(), self.clip.true_bytes, True, self.clip.model), "clip")
+            self.deliver(ClipObserved(self._clip_device(), self.clip.true_bytes, True, self.clip.model, CLIP_PID),
+                         "clip")
 
     # --- driving the world ------------------------------------------------------------------------------------------
 
@@ -415,9 +434,18 @@ class SimWorld:
         self.send(PartHealth("vlm", reachable, reason), "vlm")
 
     def set_gpu_healthy(self, healthy: bool) -> None:
-        """NVML fails (or recovers): no new VRAM for Mai — Ollama loads on the CPU, CLIP cannot go to the GPU."""
+        """NVML fails mid-run with CUDA unusable too (or recovers), as the VramSampler actor reports it: its health
+        with its own words, then readings of host memory (psutil stands in: no GPU to plan on)."""
         self.gpu_healthy = healthy
-        self.send(PartHealth("gpu", healthy, "" if healthy else "NVML failed (simulated)"), "sampler")
+        self.send(PartHealth("gpu", healthy, "" if healthy else NVML_LOST), "sampler")
+        self.send(VramReading("health", self.reading(), None if healthy else NVML_LOST), "sampler")
+
+    def reading(self) -> VramSnapshot:
+        """What the sampler reads now: the ledger, or host memory while the GPU cannot be read."""
+        if self.gpu_healthy or not self.ledger.gpu_present:
+            return self.ledger.snapshot(self.now)
+        host, used = self.ledger.host_total_bytes, self.ledger.host_total_bytes // 4
+        return VramSnapshot(host, used, host - used, "psutil", "host memory (no GPU)", self.now, False)
 
     def set_external_bytes(self, nbytes: int) -> None:
         """Another program's VRAM use changes; the sampler reports it at once."""
@@ -691,9 +719,9 @@ class SimWorld:
             if self.vlm.reachable:  # the loader reads /api/ps and reports what it sees
                 self.at(self.now, lambda: self.deliver(self._vlm_observation(), "vlm"))
         elif isinstance(effect, ReadVram) and self.timings.read_s is not None:
-            degraded = None if self.gpu_healthy else "NVML failed (simulated)"
+            degraded = None if self.gpu_healthy else NVML_LOST
             self.at(self.now + self.timings.read_s,
-                    lambda: self.deliver(VramReading("read", self.ledger.snapshot(self.now), degraded), "sampler"))
+                    lambda: self.deliver(VramReading("read", self.reading(), degraded), "sampler"))
         elif isinstance(effect, ReadVram):
             pass  # the reading is lost (a sampler that died with it)
         else:
@@ -832,7 +860,7 @@ class SimWorld:
         the sampler's core asks (as the VramSampler actor does)."""
         if not poll:
             self._sample_pending = False
-        event, answers = self.sampler.observe(self.ledger.snapshot(self.now), self.now)
+        event, answers = self.sampler.observe(self.reading(), self.now)
         if event is not None:
             event = ResourceChanged(event.snapshot, event.delta_used_bytes, at=self.now)  # virtual time, not wall
             self.at(self.now, lambda: self.deliver(event, "sampler"))

@@ -70,6 +70,8 @@ VALID: dict[str, dict[str, Any]] = {
     "ClipMoved": dict(step_id="s1", device="cpu", footprint_bytes=600 * 2**20, move_s=0.05),
     "ClipObserved": dict(device="cpu", footprint_bytes=600 * 2**20, ready=True, model="ViT-B-32"),
     "ClipPlaced": dict(request_id="r1", device="cpu"),
+    "GpuProcess": dict(pid=4242, name="llama-server", used_bytes=5 * 2**30, parent_name="ollama"),
+    "GpuUseStatus": dict(mai=(("ollama", 5 * 2**30),), others=(("firefox", 2**30),)),
     "ClipStatus": dict(model="ViT-B-32", device="cpu", footprint_bytes=600 * 2**20, ready=True),
     "CloseSession": dict(reason="goodbye"),
     "ConversationStarted": dict(request_id="r1", conversation_id="c1"),
@@ -305,7 +307,11 @@ def unchecked(cls: type, values: dict[str, Any]) -> Any:
     """An instance built without `__post_init__`, as unpickling builds it."""
     obj = object.__new__(cls)
     for f in dataclasses.fields(cls):
-        object.__setattr__(obj, f.name, values[f.name])
+        if f.name in values:
+            value = values[f.name]
+        else:  # a field the example leaves at its default, as the sender's constructor filled it in
+            value = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        object.__setattr__(obj, f.name, value)
     return obj
 
 
