@@ -124,23 +124,22 @@ def test_lease_loads_on_demand_and_idle_unload_publishes_an_event(world):
     client.set_mode("autopilot", wait=True, timeout_s=60)
     client.ensure_vlm_unloaded(timeout_s=60)
     events: list = []
-    stop = threading.Event()
+    stop, subscribed = threading.Event(), threading.Event()
 
     def listen() -> None:
         with system.client() as watcher:
-            for event in watcher.subscribe(ttl_s=10):
+            for event in watcher.subscribe(ttl_s=10, stop=stop, ready=subscribed):
                 events.append(event)
-                if stop.is_set():
-                    break
 
     listener = threading.Thread(target=listen, daemon=True)
     listener.start()
-    time.sleep(0.5)
+    assert subscribed.wait(30), "the coordinator never acknowledged the subscription"
     with client.vlm(holder="system-test", timeout_s=60) as lease:  # invariant 9: loads on demand
         assert lease.model == VLM and lease.host == ollama.host
-        assert client.get_status().vlm.state == "loaded"
-        time.sleep(3.0)  # longer than idle_timeout_s: never unloaded while the lease is held (invariant 8)
-        assert client.get_status().vlm.state == "loaded"
+        held_until = time.monotonic() + 3.0  # longer than idle_timeout_s (2.5 s): a duration, not a wait
+        while time.monotonic() < held_until:  # never unloaded while the lease is held (invariant 8)
+            assert client.get_status().vlm.state == "loaded"
+            time.sleep(0.2)
     client.set_mode("idle", wait=True, timeout_s=30)
     wait_for(lambda: client.get_status().vlm.state == "unloaded", timeout_s=20)
     wait_for(lambda: any(type(e).__name__ == "IdleUnloaded" for e in events), timeout_s=10)
@@ -201,6 +200,18 @@ def test_unreachable_ollama_degrades_and_requests_fail_fast_with_the_reason(worl
     assert client.ensure_vlm_loaded(timeout_s=60).loaded
 
 
+def _subscribers(system) -> set:
+    """The subscriber addresses the coordinator keeps for a successor (it writes them on every Subscribe)."""
+    from bootstrap import safe_pickle
+    from bootstrap.paths import subscribers_file
+
+    try:
+        entries = safe_pickle.loads(subscribers_file(system.config).read_bytes(), peer="subscribers file")
+    except FileNotFoundError:
+        return set()
+    return {str(token) for token, _ in entries}
+
+
 def test_events_cli_prints_mode_changes_as_json_lines(world):
     import subprocess
     import sys
@@ -209,9 +220,10 @@ def test_events_cli_prints_mode_changes_as_json_lines(world):
 
     system, client, ollama, ledger = world
     client.set_mode("idle", wait=True, timeout_s=60)
+    before = _subscribers(system)
     proc = subprocess.Popen([sys.executable, "-m", "mai", "--config", str(system.config_path), "events", "--json", "--duration", "6"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=test_env(), cwd=ROOT)
-    time.sleep(2.0)  # let it subscribe
+    wait_for(lambda: _subscribers(system) - before, timeout_s=30)  # it subscribed: no event after this is missed
     client.set_mode("recording", wait=True, timeout_s=60)
     client.set_mode("autopilot", wait=True, timeout_s=60)
     try:

@@ -645,10 +645,21 @@ def test_ollama_hanging_past_the_timeout_degrades_then_recovers(world):
 def test_lmstudio_dropping_the_websocket_mid_reply_loses_no_turn(world):
     w = world
     _to_mode(w, "recording")
-    _say(w, "before the drop")
+    before = _say(w, "before the drop")
+    model = before.split("]", 1)[0].removeprefix("[")  # the double's reply names the instance: "[mai:<key>] ..."
     restarts = _restarts(w)
+    predicts = len(w.lms.frames(type="channelCreate", endpoint="predict"))
     w.lms.configure(midstream="drop")  # the next reply's socket is cut halfway, without a close frame
-    reply = _say(w, "are you still there?")
+    with Mai(config=w.system.config) as m:
+        reply = m.process_message("are you still there?")
+        # A retry on the same model (chat.max_retries 1), not a fallback to the next one: the same instance
+        # answered, no switch was made, and LM Studio was asked twice, both times for that model.
+        assert reply.startswith(f"[{model}]") and m.last_reply.model == model.removeprefix("mai:"), reply
+        assert m.last_reply.switches == (), m.last_reply.switches
+    asked = w.lms.frames(type="channelCreate", endpoint="predict")[predicts:]
+    assert len(asked) == 2, asked
+    assert {json.dumps(frame["creationParameter"]["modelSpecifier"], sort_keys=True) for frame in asked} == \
+        {json.dumps(asked[0]["creationParameter"]["modelSpecifier"], sort_keys=True)}
     assert "last_user=are you still there?" in reply
     turns = [(t["role"], t["status"], t["content"]) for t in _history(w)]
     assert turns[-2] == ("user", "complete", "are you still there?")
