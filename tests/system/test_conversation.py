@@ -9,6 +9,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -83,7 +84,32 @@ def test_a_failing_model_is_replaced_silently_and_the_reply_arrives(world):
         reply = m.process_message("are you still there?")
         assert "messages=4" in reply and "last_user=are you still there?" in reply
         assert m.last_reply.switches, "the switch is recorded (and logged), not shown as an error"
-        assert m.last_reply.model != BIG
+        # The fallback is the next model of the chain (same tier as llama3.2:3b, ahead of it in the chain), not
+        # any model that happens to work.
+        assert m.last_reply.model == SMALL and reply.startswith(f"[mai:{SMALL}]"), (m.last_reply, reply)
+        assert any(BIG in s for s in m.last_reply.switches), m.last_reply.switches
+
+
+def test_the_choice_counts_vram_a_model_that_cannot_be_granted_is_never_loaded(tmp_path):
+    """On a 5 GiB GPU the 5.6 GB best model cannot be granted (5 GiB less the reserve): the agent chooses
+    the next model from the grantable VRAM at once. Ignoring VRAM would load (or be refused) the big one first."""
+    ledger_path = tmp_path / "gpu.sqlite"
+    with ollama_double(tmp_path / "ollama", ledger=ledger_path, vram_bytes=5 * GiB) as ollama, \
+            lmstudio_double(tmp_path, ledger=str(ledger_path)) as lms:
+        sections = _sections(tmp_path, ledger_path, ollama, lms)
+        sections["gpu"]["simulated_total_mb"] = 5120
+        with running_mai(tmp_path, **sections) as system, Mai(config=system.config) as m:
+            with system.client() as client:
+                status = wait_for(lambda: (s := client.get_status()).vlm.state != "unknown" and s, timeout_s=60)
+            reply = m.process_message("hello on a small GPU")
+            assert reply.startswith(f"[mai:{SMALL}]") and m.last_reply.model == SMALL, (reply, status)
+            assert m.last_reply.switches == (), m.last_reply.switches  # chosen, not fallen back to
+            loads = [f["creationParameter"] for f in lms.frames(type="channelCreate", endpoint="loadModel")]
+            assert loads and all(BIG not in json.dumps(p) for p in loads), loads
+            # Nor asked the gate for it (a refused ChatNeeds is silent in the reply, not in the log).
+            log = Path(system.config.system.state_dir) / "mai.log"
+            chosen = [e["model"] for e in map(json.loads, log.read_text().splitlines()) if e.get("event") == "chat.choose"]
+            assert chosen == [SMALL], chosen
 
 
 def test_killing_the_agent_mid_reply_loses_no_completed_turn(world):
