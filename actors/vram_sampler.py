@@ -112,6 +112,12 @@ class VramSampler(MaiActor):
         except NoGpu as failure:
             self._nvml_failed(failure)
             return
+        try:  # a lost GPU often lets NVML open but not read: recovered only once it reads (no health flapping)
+            probe.snapshot()
+        except NoGpu as failure:
+            probe.close()
+            self._nvml_failed(failure)
+            return
         self.probe.close()
         self.probe = probe
         self._nvml_ok()

@@ -198,6 +198,8 @@ def status_text(data: dict) -> str:
                 lines.append(f"gpu        {vram['device_name']} {vram['device_uuid']}")
             if vram["gpu_present"]:
                 lines.append(f"processes  {processes_text(gpu.get('gpu_use'), vram, source)}")
+        if gpu.get("fits_against"):
+            lines.append(f"fit checks against {gpu['fits_against']}")
         vlm = gpu["vlm"]
         offload = " PARTIAL CPU OFFLOAD" if vlm.get("partial_offload") else ""
         vlm_state = vlm["state"]

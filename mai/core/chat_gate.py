@@ -52,15 +52,17 @@ def kept_for_mai_bytes(world: World, plan: Plan) -> int:
 
 
 def grantable_bytes(world: World, plan: Plan) -> int | None:
-    """What a chat model may take now, never negative. None: no GPU, so no VRAM limit (the model runs on the CPU).
-    Without a reading yet it is 0 (the coordinator waits for one before it answers). Two adjustments need the
+    """What a chat model may take now, never negative, always against a reading (never "unlimited": issue 12, hole 7).
+    Without a GPU reading (psutil stands in when NVML and CUDA both fail) the host memory reading bounds it: the
+    model then runs in host memory, or on a GPU Mai cannot see. Without any reading yet it is 0 (the coordinator
+    waits for one before it answers). Two adjustments need the
     smallest chat model's footprint (`world.chat_min_bytes`; none without it): while that model still fits beside the
     VLM and CLIP, their room is kept for them (`kept_for_mai_bytes`); when it does not fit even beside an idle VLM,
     the VLM's bytes count — it gives its place (`plan.vlm_yields_to_chat`) rather than the turn failing."""
-    if world.gpu is False:
-        return None
     if world.gpu is None or world.free_bytes is None:
         return 0
+    if world.gpu is False:
+        return max(0, world.free_bytes - world.reserve_bytes + world.chat_bytes)
     room = (world.free_bytes + world.unconfirmed_bytes - world.reserve_bytes - mode_claims_bytes(world, plan)
             + world.chat_bytes)
     kept = kept_for_mai_bytes(world, plan)

@@ -333,12 +333,14 @@ def plan_steps(world: World, policy: ModePolicy, demand: Demand) -> Plan:
 
     relies_on_freed = bool(allocating) or read_first or demand.chat_load_waiting
     steps = [_block(s, world, demand) for s in _order(world, freeing, allocating, read_first, relies_on_freed)]
-    if steps and steps[0].kind in FREEING_KINDS and steps[0].blocked is None and world.gpu and unsure:
+    reads_back_off = READ_VRAM in world.retry_wait  # the sampler cannot read: freeing steps go on without one
+    if steps and steps[0].kind in FREEING_KINDS and steps[0].blocked is None and world.gpu and unsure \
+            and not reads_back_off:
         # The sampler confirms a freeing step against the free VRAM before it: make that a real reading.
         steps.insert(0, PlannedStep(READ_VRAM, "read VRAM again", 0, "baseline"))
     elif demand.chat_needs_reading and world.gpu and unsure and all(s.blocked for s in steps):
         # The chat agent is answered on a reading, never on a guess; the mode's own steps go first.
-        steps.insert(0, PlannedStep(READ_VRAM, "read VRAM again", 0, "chat"))
+        steps.insert(0, _block(PlannedStep(READ_VRAM, "read VRAM again", 0, "chat"), world, demand))
     return Plan(vlm_goal, clip_goal, tuple(steps), tuple(refusals), tuple(notes))
 
 

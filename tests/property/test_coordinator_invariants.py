@@ -284,8 +284,8 @@ class GateMachine(RuleBasedStateMachine):
         self.chat_answers[msg.request_id] = msg
         turn = world.chat.turn
         if isinstance(msg, Grantable):
-            assert (msg.grantable_bytes is None) == (not world.gpu_usable), (msg, world.gpu_usable)
-            assert msg.grantable_bytes is None or msg.grantable_bytes >= 0
+            # Issue 12, hole 7: always against a reading (host memory without a GPU one), never unlimited.
+            assert msg.grantable_bytes is not None and msg.grantable_bytes >= 0, (msg, world.gpu_usable)
         elif isinstance(msg, ChatGrant):
             # Invariant 5: a chat load or unload is a step of the gate like the others, one at a time.
             assert world.step_open is None, f"{msg} granted while {world.step_open.message} is in flight"
@@ -491,7 +491,7 @@ class GateMachine(RuleBasedStateMachine):
         world, core = self.world, self.world.core
         assert isinstance(status, Status)
         assert status.mode == core.mode and status.target_mode == core.target_mode
-        assert status.vram is not None and status.vram.gpu_present == self.cfg.gpu_present
+        assert status.vram is not None and status.vram.gpu_present == world.gpu_usable  # NVML lost: host memory
         assert status.reserve_bytes == self.settings.reserve_bytes
         assert status.vlm.state in VLM_STATES and status.vlm.model == self.settings.vlm_model
         assert status.vlm.leases == len(self.held) and status.vlm.host == self.settings.vlm_host

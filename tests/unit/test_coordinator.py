@@ -458,7 +458,7 @@ def test_when_nvml_fails_clip_is_brought_back_to_the_cpu():
     w.set_gpu_healthy(False)
     w.advance(1)
     assert step_names(w) == ["clip->cpu"] and w.clip.placement == "cpu"
-    assert dict(w.core.status("s", w.now).degraded)["gpu"] == "NVML failed (simulated)"
+    assert dict(w.core.status("s", w.now).degraded)["gpu"].startswith("no GPU: GPU is lost; CUDA: ")
 
 
 def test_an_incomplete_vram_recovery_is_logged_not_fatal():
@@ -675,9 +675,11 @@ def test_a_newer_chat_request_supersedes_a_queued_one():
     assert w.reply("c1").reason == Reason.SUPERSEDED
 
 
-def test_without_a_gpu_there_is_no_vram_limit_for_chat():
+def test_without_a_gpu_chat_is_bounded_by_the_host_memory_reading():
+    # Issue 12, hole 7: never "unlimited"; the psutil reading (host memory) is what the fit check has.
     w = world(gpu_present=False)
-    assert w.ask(GetGrantable("g1"), "chat") == Grantable("g1", None, None)
+    host = w.ledger.snapshot(w.now)
+    assert w.ask(GetGrantable("g1"), "chat") == Grantable("g1", host.free_bytes - 512 * MIB, None)
     w.chat_turn(want=0)
     w.advance(5)
     assert w.chat.current == BIG and w.ledger.held("chat") == 0

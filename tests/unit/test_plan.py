@@ -242,9 +242,10 @@ def test_freed_bytes_count_and_the_grantable_is_never_negative():
     assert grantable_bytes(tiny, plan_steps(tiny, IDLE, Demand())) == 0
 
 
-def test_grantable_is_none_without_a_gpu_and_zero_without_a_reading():
-    no_gpu = world(gpu=False)
-    assert grantable_bytes(no_gpu, plan_steps(no_gpu, IDLE, Demand())) is None
+def test_grantable_is_the_host_reading_without_a_gpu_and_zero_without_a_reading():
+    # Issue 12, hole 7: never unlimited; without a GPU reading the host memory reading (psutil) bounds chat.
+    no_gpu = world(gpu=False, free_bytes=6 * GIB)
+    assert grantable_bytes(no_gpu, plan_steps(no_gpu, IDLE, Demand())) == 6 * GIB - 512 * MIB
     unread = world(gpu=None, free_bytes=None)
     assert grantable_bytes(unread, plan_steps(unread, IDLE, Demand())) == 0
 
