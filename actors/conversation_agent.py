@@ -46,7 +46,7 @@ from messages.conversation import (
     UserTurn,
 )
 from messages.errors import Busy, InvalidRequest, MaiError, NoModelAvailable, OperationTimeout, Reason
-from messages.events import FootprintMeasured, ModelSwitched
+from messages.events import FootprintMeasured, ModelSwitched, ResourceChanged
 from messages.failure import Failure
 from messages.steps import PartHealth, Reobserve, StepFailed
 from messages.system import Init
@@ -80,6 +80,19 @@ class _Turn:
         return self.started + self.request.timeout_s
 
 
+@dataclass
+class _Recheck:
+    """Between turns, after a ResourceChanged: does the model we hold still have room? (asking, then switching)"""
+
+    request_id: str
+    step_id: str = ""  # the ChatNeeds for the smaller model, once chosen
+    model: Candidate | None = None
+    reason: str = ""
+
+
+RECHECK_GRANT_TIMEOUT_S = 60.0  # a switch between turns waits at most this long for the gate
+
+
 class ConversationAgent(MaiActor):
     role = "chat"
 
@@ -94,6 +107,8 @@ class ConversationAgent(MaiActor):
         self.turn: _Turn | None = None
         self.availability = Availability(frozenset(), None)
         self.pending_yield: ChatYield | None = None
+        self.recheck: _Recheck | None = None  # resources changed between turns: is there still room?
+        self.recheck_after_turn = False  # they changed during a turn: check once the reply has ended
         self.measured: set[str] = set()  # chat models whose footprint was measured (at their context window)
 
     # --- start and reconcile --------------------------------------------------------------------------------------
@@ -120,7 +135,7 @@ class ConversationAgent(MaiActor):
         adopted = next((cand for cand in chain if cand.key in loaded), None)
         if adopted is not None:  # reconcile: a model we loaded before a restart is still there
             self.current = adopted
-            self._tell_coordinator(ModelSwitched(None, adopted.key, "found loaded after a restart"))
+            self._tell_coordinator(self._holding(adopted, "found loaded after a restart"))
             self.log.info("chat.adopted", model=adopted.key)
 
     @staticmethod
@@ -150,7 +165,7 @@ class ConversationAgent(MaiActor):
         """A restarted coordinator asks what we hold: it counts the chat model's VRAM and may ask it to yield.
         Answered to the asker: the supervisor's Peers naming it may reach us after its question (seen in CI)."""
         if self.current is not None:
-            self.send(sender, ModelSwitched(None, self.current.key, "reported to a restarted coordinator"))
+            self.send(sender, self._holding(self.current, "reported to a restarted coordinator"))
 
     def on_peers(self, restarted: frozenset[str]) -> None:
         """The coordinator was restarted: tell it which model we hold (its Reobserve may have overtaken this news),
@@ -158,7 +173,7 @@ class ConversationAgent(MaiActor):
         if "coordinator" not in restarted:
             return
         if self.current is not None:
-            self._tell_coordinator(ModelSwitched(None, self.current.key, "reported to a restarted coordinator"))
+            self._tell_coordinator(self._holding(self.current, "reported to a restarted coordinator"))
         turn = self.turn
         if turn is None:
             return
@@ -169,6 +184,13 @@ class ConversationAgent(MaiActor):
             self._tell_coordinator(ChatNeeds(turn.step_id, turn.model.key, turn.model.footprint_bytes,
                                              timeout_s=max(1.0, turn.deadline - time.time()),
                                              context_length=turn.model.context_window))
+
+    @staticmethod
+    def _holding(model: Candidate, reason: str) -> ModelSwitched:
+        """A model the coordinator did not grant (adopted, or news for a restarted coordinator), with the footprint
+        the agent counts it as (measured or declared), so a yield is known to give those bytes back."""
+        return ModelSwitched(None, model.key, reason, vram_bytes=model.footprint_bytes,
+                             context_length=model.context_window)
 
     def _refresh_availability(self) -> None:
         self.availability = self.backends.availability()
@@ -187,6 +209,7 @@ class ConversationAgent(MaiActor):
             self.send(sender, Failure.from_error(msg.request_id, Busy("a reply is still streaming; cancel it (Ctrl-C) or wait")))
             return
         self.store.append(self.conversation_id, ChatMessage("user", msg.text), model=None, now=time.time())
+        self.recheck = None  # the turn chooses on a fresh figure itself (a late grant for the check is refused)
         self.turn = _Turn(msg, sender, time.time())
         self.wakeupAfter(datetime.timedelta(seconds=msg.timeout_s), payload=("deadline", msg.request_id))
         self._choose()
@@ -202,6 +225,9 @@ class ConversationAgent(MaiActor):
         self._tell_coordinator(GetGrantable(turn.request.request_id))
 
     def receiveMsg_Grantable(self, msg: Grantable, sender: Any) -> None:
+        if self.recheck is not None and msg.request_id == self.recheck.request_id:
+            self._recheck_with(msg.grantable_bytes)
+            return
         turn = self.turn
         if turn is None or turn.phase != "choose" or msg.request_id != turn.request.request_id:
             return
@@ -228,6 +254,10 @@ class ConversationAgent(MaiActor):
                                          context_length=candidate.context_window))
 
     def receiveMsg_Failure(self, msg: Failure, sender: Any) -> None:
+        if self.recheck is not None and msg.request_id == self.recheck.step_id:
+            self.recheck = None  # the gate refused the smaller model too: the next turn chooses again
+            self.log.info("chat.switch_refused", model=msg.request_id, reason=msg.message)
+            return
         turn = self.turn
         if turn is None or turn.phase != "grant" or msg.request_id != turn.step_id:
             return
@@ -240,11 +270,26 @@ class ConversationAgent(MaiActor):
         self._fail_turn(msg.to_error())
 
     def receiveMsg_ChatGrant(self, msg: ChatGrant, sender: Any) -> None:
+        recheck = self.recheck
+        if recheck is not None and recheck.model is not None and msg.request_id == recheck.step_id:
+            self.recheck = None
+            previous = self.current
+            if self._load_granted(msg, sender, recheck.model):
+                self._switched(previous, recheck.model, recheck.reason)
+            return
         turn = self.turn
         if turn is None or turn.phase != "grant" or msg.request_id != turn.step_id:
             self.send(sender, StepFailed(msg.step_id, Failure(msg.step_id, Reason.CANCELLED, "the turn that asked for this grant is over")))
             return
         previous, candidate = self.current, turn.model
+        if not self._load_granted(msg, sender, candidate):
+            return
+        self._switched(previous, candidate, "chosen for the resources available" if previous is None else f"switched from {previous.key}")
+        self._start_stream()
+
+    def _load_granted(self, msg: ChatGrant, sender: Any, candidate: Candidate) -> bool:
+        """The gate's grant: unload the model we hold (if another), load `candidate`, answer the step."""
+        previous = self.current
         began = time.monotonic()
         try:
             if previous is not None and previous.key != candidate.key:
@@ -254,13 +299,12 @@ class ConversationAgent(MaiActor):
         except MaiError as err:
             self.send(sender, StepFailed(msg.step_id, Failure.from_error(msg.step_id, err)))
             self._model_failed(candidate, err)
-            return
+            return False
         # What the backend reports is no footprint (LM Studio: the file's size; Ollama: no CUDA context): the gate
         # counts at least the footprint it granted, and measures the real one from the VRAM readings around the load.
         self.send(sender, ChatLoaded(msg.step_id, candidate.key, max(vram, candidate.footprint_bytes),
                                      time.monotonic() - began))
-        self._switched(previous, candidate, "chosen for the resources available" if previous is None else f"switched from {previous.key}")
-        self._start_stream()
+        return True
 
     def _switched(self, previous: Candidate | None, candidate: Candidate, reason: str) -> None:
         self.current = candidate
@@ -397,6 +441,9 @@ class ConversationAgent(MaiActor):
         if self.pending_yield is not None:
             msg, self.pending_yield = self.pending_yield, None
             self.receiveMsg_ChatYield(msg, None)
+        if self.recheck_after_turn:
+            self.recheck_after_turn = False
+            self._recheck()
 
     def receiveMsg_CancelReply(self, msg: CancelReply, sender: Any) -> None:
         if self.turn is not None and self.turn.request.request_id == msg.request_id:
@@ -421,6 +468,43 @@ class ConversationAgent(MaiActor):
                 self._choose()
 
     # --- resources ------------------------------------------------------------------------------------------------------
+    def receiveMsg_ResourceChanged(self, msg: ResourceChanged, sender: Any) -> None:
+        """VRAM use moved (another program took some, or Mai's parts moved): check that the model we hold still has
+        room, between turns — a reply in progress is never cut for it; the check runs once it has ended."""
+        if self.current is None:
+            return
+        if self.turn is not None:
+            self.recheck_after_turn = True
+            return
+        self._recheck()
+
+    def _recheck(self) -> None:
+        if self.current is None or self.recheck is not None or self.turn is not None:
+            return
+        self.recheck = _Recheck(new_request_id())
+        self._tell_coordinator(GetGrantable(self.recheck.request_id))
+
+    def _recheck_with(self, grantable: int | None) -> None:
+        """Resources running short switch *down* at once (the policy's rule); a better model waits for a turn and
+        the policy's hysteresis. Silent: one log line, with the reason, when the model changes."""
+        recheck, current = self.recheck, self.current
+        assert recheck is not None
+        if current is None or grantable is None or current.footprint_bytes <= grantable:
+            self.recheck = None
+            return
+        choice = self.policy.choose(grantable, self.availability, time.time(), current=current.key, pinned=self.pinned)
+        if choice.key == current.key:
+            self.recheck = None
+            return
+        if choice.key is None:
+            self.recheck = None
+            self._drop_current(f"resources short, no chat model has room: {choice.reason}")
+            return
+        recheck.model, recheck.step_id = self.policy.candidate(choice.key), new_request_id()
+        recheck.reason = f"resources short between turns: {choice.reason}"
+        self._tell_coordinator(ChatNeeds(recheck.step_id, recheck.model.key, recheck.model.footprint_bytes,
+                                         timeout_s=RECHECK_GRANT_TIMEOUT_S, context_length=recheck.model.context_window))
+
     def receiveMsg_ChatYield(self, msg: ChatYield, sender: Any) -> None:
         """The mode needs VRAM our chat model holds: unload it now, or right after the reply that is streaming.
         Always answered, even with nothing loaded, so the coordinator never waits on us for nothing."""

@@ -638,7 +638,9 @@ class Coordinator:
 
     def _on_resource_changed(self, msg: ResourceChanged, sender: object, now: float, fx: list[Effect]) -> None:
         self._take_reading(msg.snapshot, fx)
-        fx.append(Publish(msg))  # subscribers (the chat agent) switch models on resource changes
+        fx.append(Publish(msg))  # for `mai events` and other subscribers
+        if self._chat_model is not None:
+            fx.append(Tell("chat", msg))  # the agent checks its model still has room (issue 12, hole 8)
 
     def _on_vram_reading(self, msg: VramReading, sender: object, now: float, fx: list[Effect]) -> None:
         self._take_reading(msg.snapshot, fx)
