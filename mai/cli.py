@@ -211,7 +211,9 @@ def status_text(data: dict) -> str:
         model = clip["model"] or data["config"].get("clip", {}).get("model", "CLIP")
         lines.append(f"clip       {model} on {clip['device']}, {_mib(clip['footprint_bytes'])}"
                      f"{' (measured)' if clip.get('footprint_learned') else ' (declared)'}"
-                     + ("" if clip["ready"] else " (not ready: the model is still being created, see the log)"))
+                     + ("" if clip["ready"] else " (not ready: see degraded clip below)"
+                        if any(d["part"] == "clip" for d in gpu.get("degraded", []))
+                        else " (not ready: the model is still being created, see the log)"))
         chat_fp = gpu.get("chat_footprint_bytes") or 0
         lines.append(f"chat       {gpu.get('chat_model') or '-'}" + (
             f", footprint {_mib(chat_fp)}{' (measured)' if gpu.get('chat_footprint_learned') else ' (declared)'}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 import time
 
+from messages.base import check_int
 from messages.resources import VramSnapshot
 
 
@@ -80,10 +81,20 @@ class PlanRefused:
 
 @dataclass(frozen=True)
 class ModelSwitched:
+    """The conversation agent holds `model` now. When it adopted a model it did not load through the gate (found
+    loaded after a restart), `vram_bytes` and `context_length` say what the agent counts it as (measured or declared
+    footprint; 0: not said), so the gate counts what a yield would give back (issue 12, hole 4)."""
+
     previous: str | None
     model: str
     reason: str
     at: float = field(default_factory=time.time)
+    vram_bytes: int = 0
+    context_length: int = 0
+
+    def __post_init__(self) -> None:
+        check_int(self, "vram_bytes")
+        check_int(self, "context_length")
 
 
 EVENT_TYPES = (ModeChanged, ResourceChanged, IdleUnloaded, PlacementChanged, Degraded, Recovered, PlanRefused, ModelSwitched)

@@ -9,8 +9,9 @@ model in their place would have to yield, and be loaded again for the next turn)
 turn does not fail while a VLM sits unused: when not even the smallest chat model fits beside an idle VLM (no lease
 held or asked for), the VLM's bytes count too, and the plan unloads it for the chat load. Bytes that finished
 freeing steps gave back count (the gate confirms them before it grants a load that relies on them); bytes that
-freeing steps still to run will give back do not. Pure: the coordinator passes the world it projects past the step
-in flight and the plan it runs.
+freeing steps still to run will give back do not. A part that is down claims and keeps nothing: it cannot use the
+room, and the chat model yields when it is back (issue 12, hole 6). Pure: the coordinator passes the world it
+projects past the step in flight and the plan it runs.
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ def mode_claims_bytes(world: World, plan: Plan) -> int:
     refused = {r.kind for r in plan.refusals}
     claims = 0
     vlm_on = world.vlm_state in ("loaded", "loading")
-    if plan.vlm_goal.state == "loaded" and not vlm_on and LOAD_VLM not in refused:
+    if plan.vlm_goal.state == "loaded" and not vlm_on and LOAD_VLM not in refused and "vlm" not in world.down:
         claims += world.vlm_footprint_bytes
-    if plan.clip_goal.state == "gpu" and world.clip_placement != "gpu" and MOVE_CLIP_GPU not in refused:
+    if plan.clip_goal.state == "gpu" and world.clip_placement != "gpu" and MOVE_CLIP_GPU not in refused \
+            and "clip" not in world.down:
         claims += world.clip_footprint_bytes
     return claims
 
@@ -44,9 +46,9 @@ def kept_for_mai_bytes(world: World, plan: Plan) -> int:
     if not world.gpu or not world.chat_leaves_room:
         return 0
     kept = 0
-    if world.vlm_state not in ("loaded", "loading") and plan.vlm_goal.state != "loaded":
+    if world.vlm_state not in ("loaded", "loading") and plan.vlm_goal.state != "loaded" and "vlm" not in world.down:
         kept += world.vlm_footprint_bytes
-    if world.clip_placement != "gpu" and plan.clip_goal.state != "gpu":
+    if world.clip_placement != "gpu" and plan.clip_goal.state != "gpu" and "clip" not in world.down:
         kept += world.clip_footprint_bytes
     return kept
 

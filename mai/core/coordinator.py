@@ -380,6 +380,9 @@ class Coordinator:
         self._evictions: list[float] = []  # when Ollama evicted the VLM on its own, within the window
         self._evicted_until = float("-inf")  # no reload before this (evicted too often)
         self._evicted_note: str | None = None  # why reloads are held back (degraded part "vlm" in status)
+        # (Mai's last change, lowest free bytes) over readings since that change with the VLM loaded: what free
+        # looked like with the VLM's bytes in use, to tell its memory came back once Ollama is gone.
+        self._vlm_low_free: tuple[float, int] | None = None
         self._clip_reported = 0  # what the mover says CLIP takes (its parameter bytes): until measured
         self._clip_pid = 0  # the CLIP process, to tell its row in NVML's per-process figures (0: not known)
         self._vlm_state = "unknown"
@@ -592,6 +595,8 @@ class Coordinator:
             fx.append(Log("vlm.observed", {"state": self._vlm_state, "was": was, "size_vram_bytes": msg.size_vram_bytes}))
         if was == "loaded" and not msg.loaded:
             self._evicted(held_bytes, now, fx)
+        elif msg.loaded and self._snapshot is not None:
+            self._check_vlm_gone(self._snapshot, now, fx)  # the last reading shows its bytes in use
 
     def _evicted(self, held_bytes: int, now: float, fx: list[Effect]) -> None:
         """Ollama dropped the VLM on its own (a fit check before another client's load, evict-all after a load's OOM,
@@ -635,6 +640,8 @@ class Coordinator:
 
     def _on_health(self, msg: PartHealth, sender: object, now: float, fx: list[Effect]) -> None:
         self._set_health(msg.part, None if msg.ok else (msg.reason or f"{msg.part} unhealthy"), now, fx)
+        if msg.part == "vlm" and not msg.ok and self._snapshot is not None:
+            self._check_vlm_gone(self._snapshot, now, fx)  # the reading may have shown its bytes back already
 
     def _on_resource_changed(self, msg: ResourceChanged, sender: object, now: float, fx: list[Effect]) -> None:
         self._take_reading(msg.snapshot, fx)
@@ -648,8 +655,13 @@ class Coordinator:
 
     def _on_model_switched(self, msg: ModelSwitched, sender: object, now: float, fx: list[Effect]) -> None:
         if msg.model != self._chat_model:
-            # A model we granted no load for (adopted after a restart): its bytes and its context are unknown.
-            self._chat_bytes, self._chat_context = 0, 0
+            # A model we granted no load for (adopted after a restart) holds its footprint all the same: measured at
+            # its context if known, else what the agent counts, else the catalog's (a yield gives those bytes back).
+            self._chat_context = msg.context_length
+            declared = msg.vram_bytes or self.settings.chat_declared_bytes.get(msg.model, 0)
+            self._chat_bytes = self._learned.get(footprint_key(msg.model, msg.context_length), declared)
+            fx.append(Log("chat.adopted", {"model": msg.model, "vram_bytes": self._chat_bytes,
+                                           "context_length": msg.context_length, "reason": msg.reason}))
         self._chat_model = msg.model
         fx.append(Publish(msg))
 
@@ -1391,6 +1403,7 @@ class Coordinator:
 
     def _take_reading(self, snapshot: VramSnapshot, fx: list[Effect]) -> None:
         self._apply_snapshot(snapshot)
+        self._check_vlm_gone(snapshot, snapshot.taken_at, fx)
         if self._reads_failing is not None:
             self._set_reads_failing(None, snapshot.taken_at, fx)
         m = self._measure
@@ -1466,6 +1479,36 @@ class Coordinator:
         u = self._unconfirmed
         if u is not None and not u.includes_vlm and u.completed_at is not None and snapshot.taken_at > u.completed_at:
             self._unconfirmed = None  # a reading taken after the freeing shows the freed bytes
+
+    def _check_vlm_gone(self, snapshot: VramSnapshot, now: float, fx: list[Effect]) -> None:
+        """A VLM whose server is gone (Ollama crashed: its runner went with it) and whose memory came back is not
+        loaded (issue 12, hole 5): nothing is left to unload, and AUTOPILOT goes on. "Came back": the reading's free
+        bytes rose by the recovery fraction of what the VLM held, over the lowest free seen with the VLM loaded since
+        Mai's last change (the sampler usually shows the bytes back before the loader finds the server gone). A wrong
+        guess costs nothing: every allocation is still fitted against the readings."""
+        vlm_step = self._inflight is not None and self._inflight.step.kind in (LOAD_VLM, UNLOAD_VLM)
+        if self._vlm_state != "loaded" or vlm_step or self._gpu() is not True or snapshot is not self._snapshot:
+            self._vlm_low_free = None if self._vlm_state != "loaded" else self._vlm_low_free
+            return
+        since = self._last_change_at
+        if snapshot.taken_at >= since:
+            low = self._vlm_low_free
+            if low is None or low[0] != since or snapshot.free_bytes < low[1]:
+                low = (since, snapshot.free_bytes if low is None or low[0] != since else min(low[1], snapshot.free_bytes))
+            self._vlm_low_free = low
+        low = self._vlm_low_free
+        if "vlm" not in self._health or low is None or low[0] != since:
+            return
+        held = self._vlm_size_vram_bytes if self._vlm_size_bytes else self._vlm_fp
+        back = snapshot.free_bytes - low[1]
+        if back < self.settings.recovery_fraction * held:
+            return
+        self._vlm_state, self._vlm_size_bytes, self._vlm_size_vram_bytes = "unloaded", 0, 0
+        self._vlm_low_free = None
+        self._last_change_at = self._last_used_at = now
+        fx.append(Log("vlm.gone", {"model": self.settings.vlm_model, "reason": "server_gone_memory_back",
+                                   "back_bytes": back, "held_bytes": held, "health": self._health["vlm"]}))
+        fx.append(Publish(PlacementChanged("vlm", "unloaded", "server_gone", at=now)))
 
     def _set_health(self, part: str, reason: str | None, now: float, fx: list[Effect]) -> None:
         was = self._health.get(part)

@@ -24,7 +24,12 @@ The rules, in the order they are applied:
 5. Chat. While a chat model load waits for the gate, freed bytes are confirmed first; while the chat agent waits
    on a figure a stale estimate cannot give, the VRAM is read again once the mode has nothing to send.
 6. Blocks. A step whose part is unknown (not observed yet), down (degraded), backing off after a failure, or —
-   for an unload — held by a lease, stays in the plan but is marked blocked: nothing is sent past it.
+   for an unload — held by a lease, stays in the plan but is marked blocked. A blocked step holds back only what
+   needs it: nothing is sent past a blocked step that frees bytes the plan counts on, or that allocates; a blocked
+   step that frees nothing counted (CLIP not heard from yet: a fresh mover starts on the CPU, and readings show
+   whatever a CLIP on the GPU holds) is passed. A part that is down and holds nothing on the GPU (CLIP whose model
+   could not be created) needs no step at all; a VLM load that would fit only if a CLIP not heard from yet left
+   the GPU waits for the mover's report rather than being refused.
 """
 
 from __future__ import annotations
@@ -175,10 +180,19 @@ class Plan:
 
     @property
     def next_step(self) -> PlannedStep | None:
-        """The step to send now, if any: the first one, unless it is blocked."""
-        if self.steps and self.steps[0].blocked is None:
-            return self.steps[0]
-        return None
+        """The step to send now, if any: the first one not blocked, unless a blocked step before it holds it back."""
+        step = self._first_holding()
+        return step if step is not None and step.blocked is None else None
+
+    @property
+    def holding_step(self) -> PlannedStep | None:
+        """The blocked step that keeps the plan from going on (None when a step can be sent, or none is left)."""
+        step = self._first_holding()
+        return step if step is not None and step.blocked is not None else None
+
+    def _first_holding(self) -> PlannedStep | None:
+        """Rule 6: a blocked step that frees nothing the plan counts on holds nothing back."""
+        return next((s for s in self.steps if not (s.blocked and s.kind in FREEING_KINDS and s.nbytes == 0)), None)
 
     @property
     def done(self) -> bool:
@@ -249,7 +263,9 @@ def plan_steps(world: World, policy: ModePolicy, demand: Demand) -> Plan:
     chat_left = world.chat_bytes if world.gpu else 0  # what a chat yield would still give back
     read_first = False  # a fresh reading could change the decision: read the VRAM again (or confirm) first
     vlm_kept = vlm_goal.state == "loaded" or (vlm_goal.state == "keep" and vlm_on)
-    if world.gpu and world.free_bytes is not None and vlm_kept and clip_wants_gpu and clip_goal.reason != "pin":
+    # A VLM that is down cannot take the room CLIP would give it (rule 6): CLIP keeps its place.
+    if world.gpu and world.free_bytes is not None and vlm_kept and clip_wants_gpu and clip_goal.reason != "pin" \
+            and "vlm" not in world.down:
         room = world.free_bytes + world.unconfirmed_bytes - reserve
         need = (0 if vlm_on else vlm_fp) + (0 if clip_on_gpu else clip_fp)  # besides what is on the GPU now
         room_alone = room + (clip_fp if clip_on_gpu else 0)  # if CLIP leaves, the VLM alone has this
@@ -274,7 +290,10 @@ def plan_steps(world: World, policy: ModePolicy, demand: Demand) -> Plan:
 
     freeing: list[PlannedStep] = []
     planned_freed = 0
-    if clip_goal.state == "cpu" and world.clip_placement in ("gpu", "unknown"):
+    clip_unheard = world.clip_placement == "unknown" and "clip" not in world.down  # may yet report the GPU
+    if clip_goal.state == "cpu" and world.clip_placement == "unknown" and "clip" in world.down:
+        notes.append(f"no CLIP move to the CPU: CLIP is down and holds nothing on the GPU ({world.down['clip']})")
+    elif clip_goal.state == "cpu" and world.clip_placement in ("gpu", "unknown"):
         nbytes = clip_fp if (world.gpu and clip_on_gpu) else 0
         freeing.append(PlannedStep(MOVE_CLIP_CPU, "move CLIP to cpu", nbytes, clip_goal.reason))
         planned_freed += nbytes
@@ -320,15 +339,22 @@ def plan_steps(world: World, policy: ModePolicy, demand: Demand) -> Plan:
     if vlm_goal.state == "loaded" and not vlm_on and not read_first:
         evictable = ("clip",) if clip_on_gpu and clip_wants_gpu else ()
         description = f"load {world.vlm_model}"
-        # Unknown (a restarted coordinator): it may be loaded, its bytes in the reading. Blocked until observed,
-        # never refused on that reading.
-        if world.vlm_state == "unknown" or fits(LOAD_VLM, description, vlm_fp, vlm_goal.reason, evictable):
+        # Unknown (a restarted coordinator): it may be loaded, its bytes in the reading. Unknown or down: blocked
+        # (rule 6), and nothing yields, is refused or is read again for it until then. CLIP not heard from yet may
+        # be on the GPU (a restarted coordinator): a load short of room waits for it.
+        waits_for_clip = clip_unheard and clip_goal.state == "cpu" and world.gpu and avail is not None \
+            and vlm_fp > avail + unsure
+        if waits_for_clip:
+            allocating.append(PlannedStep(LOAD_VLM, description, vlm_fp, vlm_goal.reason,
+                                          blocked="CLIP placement unknown: the load fits only if CLIP leaves the GPU"))
+        elif world.vlm_state == "unknown" or "vlm" in world.down \
+                or fits(LOAD_VLM, description, vlm_fp, vlm_goal.reason, evictable):
             allocating.append(PlannedStep(LOAD_VLM, description, vlm_fp if world.gpu else 0, vlm_goal.reason))
     if clip_wants_gpu and world.clip_placement in ("cpu", "unknown") and world.gpu is not False and not read_first:
         will_have_vlm = (vlm_on and vlm_goal.state != "unloaded") or any(s.kind == LOAD_VLM for s in allocating)
         evictable = ("vlm",) if will_have_vlm else ()
-        if world.clip_placement == "unknown" or fits(MOVE_CLIP_GPU, "move CLIP to gpu", clip_fp, clip_goal.reason,
-                                                     evictable):
+        if world.clip_placement == "unknown" or "clip" in world.down or fits(
+                MOVE_CLIP_GPU, "move CLIP to gpu", clip_fp, clip_goal.reason, evictable):
             allocating.append(PlannedStep(MOVE_CLIP_GPU, "move CLIP to gpu", clip_fp, clip_goal.reason))
 
     relies_on_freed = bool(allocating) or read_first or demand.chat_load_waiting
@@ -352,7 +378,9 @@ def _order(world: World, freeing: list[PlannedStep], allocating: list[PlannedSte
         return freeing + allocating  # no VRAM to confirm or to fit
     confirm = PlannedStep(CONFIRM_FREE, "confirm VRAM recovered", 0, "order")
     steps: list[PlannedStep] = [confirm] if world.unconfirmed_vlm else []
-    pending_freed = bool(freeing) or (world.unconfirmed_bytes > 0 and not world.unconfirmed_vlm)
+    # A step that frees nothing counted (CLIP not heard from yet) leaves nothing to confirm.
+    pending_freed = any(s.nbytes or s.kind == UNLOAD_VLM for s in freeing) or (
+        world.unconfirmed_bytes > 0 and not world.unconfirmed_vlm)
     steps += freeing
     if pending_freed and (any(s.kind == UNLOAD_VLM for s in freeing) or relies_on_freed):
         steps.append(confirm)

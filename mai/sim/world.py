@@ -474,6 +474,20 @@ class SimWorld:
         if observe_after_s is not None:
             self.at(self.now + observe_after_s, lambda: self.deliver(self._vlm_observation(), "vlm"))
 
+    def crash_ollama(self, probe_after_s: float = 2.0, *, runner_survives: bool = False) -> None:
+        """Ollama's server dies with the VLM loaded. Its runner dies too (its VRAM comes back and the sampler sees
+        it at once) unless `runner_survives` (an orphaned runner keeps its bytes); the loader finds the server gone
+        at its next probe, `probe_after_s` later, and reports only that (it cannot observe the VLM any more)."""
+        vlm = self.vlm
+        vlm.reachable = False
+        if not runner_survives and vlm.alloc is not None:
+            alloc, vlm.alloc, vlm.size_vram_bytes = vlm.alloc, None, 0
+            vlm.set_state("unloaded", self.now)
+            self._release(alloc)
+        reason = "Ollama unreachable at http://127.0.0.1:11434: connection refused (simulated crash)"
+        self.at(self.now + probe_after_s, lambda: self.deliver(PartHealth("vlm", False, reason), "vlm"))
+        self.run_until(self.now)
+
     def fail_next_loads(self, count: int = 1) -> None:
         self.vlm.fail_loads += count
 

@@ -508,16 +508,30 @@ def test_grantable_is_free_less_reserve_plus_what_the_chat_model_holds():
 
 def test_grantable_leaves_out_what_the_mode_still_has_to_load():
     w = world(external_bytes=GIB)
-    w.set_ollama_reachable(False)
+    w.fail_next_loads(1)
     w.send(SetMode("r1", "recording"))
-    # The VLM load is blocked while Ollama is down, but its 6 GiB stay promised to it.
+    w.advance(1)
+    # The VLM load is blocked while it waits for its retry, but its 6 GiB stay promised to it.
     assert w.ask(GetGrantable("g1"), "chat") == Grantable("g1", 12 * GIB - GIB - 512 * MIB - 6 * GIB, None)
     w.chat_turn(want=0)
     w.advance(5)
     assert w.chat.current == MEDIUM and not w.logs_of("chat.refused")  # 5.5 GiB do not fit in 4.5: 3 GiB do
-    w.set_ollama_reachable(True)
     w.advance(10)
     assert w.vlm.state == "loaded" and not w.sent(ChatYield)  # the chat model left the VLM its room
+
+
+def test_a_vlm_that_is_down_holds_no_room_back_and_the_chat_model_yields_when_it_is_back():
+    # Issue 12, hole 6 (this test's Ollama-down half asserted the opposite before): a down part reserves nothing.
+    w = world(external_bytes=GIB)
+    w.set_ollama_reachable(False)
+    w.send(SetMode("r1", "recording"))
+    assert w.ask(GetGrantable("g1"), "chat") == Grantable("g1", 12 * GIB - GIB - 512 * MIB, None)
+    w.chat_turn(want=0)
+    w.advance(5)
+    assert w.chat.current == BIG and not w.logs_of("chat.refused")
+    w.set_ollama_reachable(True)
+    w.advance(10)
+    assert w.vlm.state == "loaded" and w.sent(ChatYield) and w.chat.current is None
 
 
 def test_a_chat_load_that_does_not_fit_is_refused_at_once_naming_the_grantable():

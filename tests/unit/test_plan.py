@@ -228,8 +228,10 @@ def test_clip_on_its_way_to_the_gpu_is_claimed_too():
 
 
 def test_claims_hold_for_blocked_steps_but_not_for_refused_ones():
-    blocked = world(down={"vlm": "Ollama unreachable"})
+    blocked = world(retry_wait={LOAD_VLM: "load_failed: boom; retry after 5 s"})
     assert mode_claims_bytes(blocked, plan_steps(blocked, RECORDING, Demand())) == 6 * GIB
+    down = world(down={"vlm": "Ollama unreachable"})  # issue 12, hole 6: a part that is down claims nothing
+    assert mode_claims_bytes(down, plan_steps(down, RECORDING, Demand())) == 0
     refused = world(free_bytes=5 * GIB)
     plan = plan_steps(refused, RECORDING, Demand())
     assert plan.refusals and grantable_bytes(refused, plan) == 5 * GIB - 512 * MIB
@@ -344,3 +346,54 @@ def test_mode_policy_rejects_unknown_values_with_what_is_accepted():
     with pytest.raises(MaiError) as err:
         ModePolicy("sometimes", "gpu")
     assert err.value.reason == Reason.INVALID_CONFIG and "loaded, unloaded, keep" in str(err.value)
+
+
+# --- a part that is down, or not heard from yet, blocks only what needs it (issue 12, holes 1 and 6) ---------------
+
+
+def test_a_clip_that_is_down_and_not_on_the_gpu_needs_no_move_and_recording_loads_the_vlm():
+    # The mover could not create the model (no weights): it reported the failure before its placement.
+    down = {"clip": "CLIP model 'ViT-B-32' unavailable: no weights; retrying in 5 s"}
+    plan = plan_steps(world(clip_placement="unknown", down=down), RECORDING, Demand())
+    assert kinds(plan) == [LOAD_VLM] and plan.next_step.kind == LOAD_VLM
+    assert plan_steps(world(clip_placement="cpu", down=down), RECORDING, Demand()).next_step.kind == LOAD_VLM
+
+
+def test_a_clip_not_heard_from_yet_does_not_hold_back_a_vlm_load_that_fits_without_it():
+    # A fresh mover starts on the CPU; the reading shows whatever a CLIP on the GPU would hold.
+    plan = plan_steps(world(clip_placement="unknown"), RECORDING, Demand())
+    assert plan.next_step is not None and plan.next_step.kind == LOAD_VLM
+    assert plan.steps[0].kind == MOVE_CLIP_CPU and plan.steps[0].blocked  # still shown until the mover reports
+    assert not plan.done
+
+
+def test_a_vlm_load_that_fits_only_if_an_unheard_clip_leaves_the_gpu_waits_rather_than_being_refused():
+    plan = plan_steps(world(clip_placement="unknown", free_bytes=6 * GIB), RECORDING, Demand())
+    assert not plan.refusals and plan.next_step is None
+    assert plan.holding_step.kind == LOAD_VLM and "CLIP placement unknown" in plan.holding_step.blocked
+
+
+def test_a_blocked_step_that_frees_counted_bytes_still_holds_back_what_relies_on_them():
+    down = {"clip": "CLIP mover gone"}
+    plan = plan_steps(world(clip_placement="gpu", free_bytes=5 * GIB, down=down), RECORDING, Demand())
+    assert plan.next_step is None and plan.holding_step.kind == MOVE_CLIP_CPU
+
+
+def test_a_part_that_is_down_claims_and_keeps_no_room_from_chat():
+    # 12 GiB, no Ollama: the 6 GiB the VLM cannot use are the chat model's to take (it yields when Ollama is back).
+    down = world(down={"vlm": "Ollama unreachable"}, chat_min_bytes=1280 * MIB, chat_leaves_room=True)
+    for policy in (RECORDING, AUTOPILOT, IDLE):  # CLIP's room is claimed (AUTOPILOT) or kept (off the GPU) alike
+        assert grantable_bytes(down, plan_steps(down, policy, Demand())) == 11 * GIB - 512 * MIB - 600 * MIB, policy
+    clip_down = world(down={"clip": "no weights"}, chat_min_bytes=1280 * MIB, chat_leaves_room=True)
+    plan = plan_steps(clip_down, AUTOPILOT, Demand())
+    assert mode_claims_bytes(clip_down, plan) == 0 and grantable_bytes(clip_down, plan) == 11 * GIB - 512 * MIB - 6 * GIB
+
+
+def test_nothing_yields_is_refused_or_read_again_for_a_part_that_is_down():
+    down = world(free_bytes=3 * GIB, chat_model="qwen3:8b", chat_bytes=5 * GIB, uncertain_bytes=GIB,
+                 down={"vlm": "Ollama unreachable"})
+    plan = plan_steps(down, RECORDING, Demand())
+    assert kinds(plan) == [LOAD_VLM] and not plan.refusals and plan.steps[0].blocked.startswith("vlm unavailable")
+    clip_down = world(free_bytes=GIB // 2, chat_model="qwen3:8b", chat_bytes=5 * GIB, down={"clip": "no weights"})
+    plan = plan_steps(clip_down, AUTOPILOT, Demand())
+    assert kinds(plan) == [MOVE_CLIP_GPU] and not plan.refusals and plan.steps[0].blocked.startswith("clip unavailable")
