@@ -1287,8 +1287,11 @@ class Coordinator:
         self._set_vram_short(f"VRAM short: {refusal.message}", now, fx)
 
     def _fail_blocked_modes(self, plan: Plan, fx: list[Effect]) -> None:
-        """A mode waiter whose next step waits on a part that is down fails fast with that reason."""
-        first = plan.steps[0] if plan.steps else None
+        """A mode waiter whose plan is held back by a step waiting on a part that is down fails fast with that reason
+        (a blocked step that holds nothing back, plan rule 6, is not what keeps the mode from being reached)."""
+        if plan.next_step is not None:
+            return
+        first = plan.holding_step or next((s for s in plan.steps if STEP_TARGETS[s.kind] in self._health), None)
         part = None if first is None else STEP_TARGETS[first.kind]
         if part not in self._health or part not in ("vlm", "clip"):
             return

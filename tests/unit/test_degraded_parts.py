@@ -157,3 +157,13 @@ def test_on_12_gb_without_ollama_the_big_chat_model_is_chosen_and_yields_when_ol
     w.advance(30)
     assert w.vlm.state == "loaded" and w.chat.current is None  # the chat model gave the VLM its room
     assert LoadVlm in {type(m) for m in w.sent()}
+
+
+def test_recording_with_ollama_down_fails_fast_naming_it_even_while_clip_is_not_heard_from():
+    w = unobserved()
+    reading(w)
+    w.send(PartHealth("vlm", False, "Ollama unreachable at http://127.0.0.1:11434"), "vlm")
+    w.send(SetMode("r1", "recording", wait=True))
+    failure = w.reply("r1")
+    assert isinstance(failure, Failure) and failure.reason == Reason.BACKEND_UNREACHABLE
+    assert "Ollama unreachable" in failure.message
