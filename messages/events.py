@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 import time
 
-from messages.base import check_int
+from messages.base import check_int, check_number, check_text
 from messages.resources import VramSnapshot
 
 
@@ -93,6 +93,11 @@ class ModelSwitched:
     context_length: int = 0
 
     def __post_init__(self) -> None:
+        if self.previous is not None:
+            check_text(self, "previous")
+        check_text(self, "model")
+        check_text(self, "reason", allow_empty=True)
+        check_number(self, "at", minimum=None)
         check_int(self, "vram_bytes")
         check_int(self, "context_length")
 
