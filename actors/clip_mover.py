@@ -51,7 +51,9 @@ class ClipMover(MaiActor):
                           now=CUDA_DEVICE_ORDER, reason="match NVML's PCI bus order")
             os.environ["CUDA_DEVICE_ORDER"] = CUDA_DEVICE_ORDER
         if self.adapter is None:
-            self._observe()  # a fresh mover holds nothing on the GPU: say so before the (slow) creation
+            coordinator = self.peers.get("coordinator")
+            if coordinator is not None:  # a fresh mover holds nothing on the GPU: say so before the (slow) creation
+                self.send(coordinator, ClipObserved("cpu", 0, False, self.config.clip.model))
             self._create()
         self._observe()
 

@@ -58,6 +58,7 @@ class VlmLoader(MaiActor):
 
     def _probe(self) -> None:
         model = self.config.ollama.vlm_model
+        read_at = time.time()
         try:
             self.adapter.version()
             state = self.adapter.state_of(model)
@@ -73,7 +74,8 @@ class VlmLoader(MaiActor):
             self._report(PartHealth("vlm", True))
         self.healthy, self.probe_failures = True, 0
         observed = VlmObserved(model, state is not None, state.size_bytes if state else 0,
-                               state.size_vram_bytes if state else 0, pinned=state is None or state.pinned)
+                               state.size_vram_bytes if state else 0, pinned=state is None or state.pinned,
+                               observed_at=read_at)
         if observed != self.observed:
             self.observed = observed
             self._report(observed)

@@ -3,7 +3,7 @@ and what those actors report back (results of steps, and what they observe of th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from messages.base import check_choice, check_instance, check_int, check_number, check_text
 from messages.failure import Failure
@@ -115,6 +115,9 @@ class VlmObserved:
     size_bytes: int = 0
     size_vram_bytes: int = 0
     pinned: bool = True  # False: loaded, but Ollama unloads it by itself at expires_at (another client's keep_alive)
+    # time.time() when the loader began reading Ollama (0: not said). Thespian may deliver a probe's report after the
+    # result of a step that began later; the step's result is the newer truth (not compared: equal readings are equal).
+    observed_at: float = field(default=0.0, compare=False)
 
 
 @dataclass(frozen=True)

@@ -383,6 +383,7 @@ class Coordinator:
         # (Mai's last change, lowest free bytes) over readings since that change with the VLM loaded: what free
         # looked like with the VLM's bytes in use, to tell its memory came back once Ollama is gone.
         self._vlm_low_free: tuple[float, int] | None = None
+        self._vlm_step_sent_at = float("-inf")  # when the last VLM step whose result came was sent
         self._clip_reported = 0  # what the mover says CLIP takes (its parameter bytes): until measured
         self._clip_pid = 0  # the CLIP process, to tell its row in NVML's per-process figures (0: not known)
         self._vlm_state = "unknown"
@@ -585,6 +586,11 @@ class Coordinator:
         if self._inflight and self._inflight.step.kind in (LOAD_VLM, UNLOAD_VLM):
             fx.append(Log("vlm.observed_during_step", {"loaded": msg.loaded}))
             return  # the step's own result is the authority on what it did
+        if msg.observed_at and msg.observed_at < self._vlm_step_sent_at:
+            # Read before the last VLM step began, delivered after its result (Thespian does not keep the order).
+            fx.append(Log("vlm.observed_stale", {"loaded": msg.loaded, "observed_at": msg.observed_at,
+                                                 "step_sent_at": self._vlm_step_sent_at}))
+            return
         was, held_bytes = self._vlm_state, self._vlm_size_vram_bytes or self._vlm_fp
         self._vlm_state = "loaded" if msg.loaded else "unloaded"
         self._vlm_size_bytes = msg.size_bytes if msg.loaded else 0
@@ -675,6 +681,8 @@ class Coordinator:
             fx.append(Log("step.stale_result", {"step_id": step_id, "result": type(result).__name__}))
             return None
         inflight, self._inflight = self._inflight, None
+        if inflight.step.kind in (LOAD_VLM, UNLOAD_VLM):
+            self._vlm_step_sent_at = inflight.sent_at
         return inflight
 
     def _on_vlm_loaded(self, msg: VlmLoaded, sender: object, now: float, fx: list[Effect]) -> None:
@@ -1490,16 +1498,14 @@ class Coordinator:
         Mai's last change (the sampler usually shows the bytes back before the loader finds the server gone). A wrong
         guess costs nothing: every allocation is still fitted against the readings."""
         vlm_step = self._inflight is not None and self._inflight.step.kind in (LOAD_VLM, UNLOAD_VLM)
+        if self._vlm_state != "loaded":
+            self._vlm_low_free = None
         if self._vlm_state != "loaded" or vlm_step or self._gpu() is not True or snapshot is not self._snapshot:
-            self._vlm_low_free = None if self._vlm_state != "loaded" else self._vlm_low_free
             return
-        since = self._last_change_at
-        if snapshot.taken_at >= since:
-            low = self._vlm_low_free
-            if low is None or low[0] != since or snapshot.free_bytes < low[1]:
-                low = (since, snapshot.free_bytes if low is None or low[0] != since else min(low[1], snapshot.free_bytes))
-            self._vlm_low_free = low
-        low = self._vlm_low_free
+        since, low = self._last_change_at, self._vlm_low_free
+        if snapshot.taken_at >= since:  # a reading from before Mai's last change shows another placement
+            fresh = low is None or low[0] != since
+            self._vlm_low_free = low = (since, snapshot.free_bytes if fresh else min(low[1], snapshot.free_bytes))
         if "vlm" not in self._health or low is None or low[0] != since:
             return
         held = self._vlm_size_vram_bytes if self._vlm_size_bytes else self._vlm_fp

@@ -167,3 +167,24 @@ def test_recording_with_ollama_down_fails_fast_naming_it_even_while_clip_is_not_
     failure = w.reply("r1")
     assert isinstance(failure, Failure) and failure.reason == Reason.BACKEND_UNREACHABLE
     assert "Ollama unreachable" in failure.message
+
+
+def test_a_probe_read_before_the_load_began_but_delivered_after_its_result_is_not_an_eviction():
+    # Seen on the real actors once the load no longer waits for CLIP: the loader's two start-up probes both say
+    # "unloaded"; the coordinator loads on the first, and Thespian delivers the second after VlmLoaded.
+    w = unobserved()
+    reading(w)
+    read_at = w.now - 0.05  # the probe began a moment before its report arrived
+    w.send(VlmObserved(MODEL, False, observed_at=read_at), "vlm")
+    w.send(ClipObserved("cpu", 600 * MIB, True, "ViT-B-32"), "clip")
+    w.send(SetMode("r1", "recording", wait=True))
+    w.advance(0.001)
+    assert isinstance(w.core.step_in_flight, LoadVlm)
+    w.advance(30)
+    assert isinstance(w.reply("r1"), ModeReached)
+    w.send(VlmObserved(MODEL, False, observed_at=read_at), "vlm")  # the stale report
+    assert w.core.status("s", w.now).vlm.state == "loaded" and not w.logs_of("vlm.evicted")
+    assert w.logs_of("vlm.observed_stale")
+    w.evict_vlm(observe_after_s=None)
+    w.send(VlmObserved(MODEL, False, observed_at=w.now), "vlm")  # a real eviction, read after the load
+    assert w.logs_of("vlm.evicted")
