@@ -8,9 +8,12 @@ Latency per operation kind is printed (`pytest -s`), not asserted: the machine's
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
-from bench.soak import ClientPlan, last_writer_candidates, latency_table, operation_summary, run_clients, write_images
+from bench.soak import (MODES, ClientPlan, OpRecord, last_writer_candidates, latency_table, operation_summary,
+                        run_clients, write_images)
 from mai.sim.gpu_ledger import GpuLedger, over_commits, overlapping_operations
 from tests.doubles.ollama import ollama_double
 from tests.system.harness import running_mai, wait_for
@@ -18,6 +21,13 @@ from tests.system.harness import running_mai, wait_for
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 GiB = 2**30
 CLIENTS, OPERATIONS = 8, 200
+
+
+def _timed_set_mode(client, mode: str) -> OpRecord:
+    """One set_mode without waiting for the plan (ModeAccepted comes back once the coordinator took the target)."""
+    sent = time.time()
+    client.set_mode(mode, wait=False, timeout_s=30)
+    return OpRecord("test", "set_mode", sent, time.time(), "ok", mode)
 
 
 def test_eight_clients_two_hundred_random_operations_each(tmp_path):
@@ -63,6 +73,17 @@ def test_eight_clients_two_hundred_random_operations_each(tmp_path):
                 assert status.mode in candidates  # invariant 6: the last mode asked wins
                 if len(candidates) == 1:
                     assert status.mode == last_acked.mode
+
+                # With eight clients racing, every mode is often a candidate and the check above cannot fail. So
+                # the load ends with a race whose order is known: two more set_mode calls, the second sent as soon
+                # as the first is acknowledged, while the first one's plan still runs. Only the second can have
+                # been handled last; the mode Mai was in and the first one asked are both wrong answers.
+                first, second = [m for m in MODES if m != status.mode]
+                race = [_timed_set_mode(client, first), _timed_set_mode(client, second)]
+                assert last_writer_candidates(race) == {second}  # not vacuous: one candidate of three modes
+                final = wait_for(settled, timeout_s=90, interval_s=0.25)
+                print(f"final race from {status.mode}: {first} then {second}; ended in {final.mode}")
+                assert final.mode == second, (status.mode, first, second, final)
 
         events = GpuLedger(ledger_path).events()
         assert overlapping_operations(events) == []  # invariant 5
