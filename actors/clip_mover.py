@@ -22,7 +22,7 @@ from mai.core.clip_creation import creation_failure
 from mai.core.gpu_device import normalise_uuid, resolve_cuda_index
 from messages.errors import MaiError, NoGpu, NotRunning
 from messages.failure import Failure
-from messages.requests import ClipDeviceIs, EmbedImages, EmbedTexts, Embeddings, GetClipDevice
+from messages.requests import CLIP_UNAVAILABLE, ClipDeviceIs, EmbedImages, EmbedTexts, Embeddings, GetClipDevice
 from messages.resources import CudaMemory, ReadCudaMemory, VramSnapshot
 from messages.steps import ClipMoved, ClipObserved, MoveClip, PartHealth, Reobserve, StepFailed
 from messages.system import Init
@@ -203,5 +203,10 @@ class ClipMover(MaiActor):
         self.guarded(msg.request_id, sender, embed)
 
     def receiveMsg_GetClipDevice(self, msg: GetClipDevice, sender: Any) -> None:
-        device = self.adapter.device if self.adapter is not None else "cpu"
-        self.send(sender, ClipDeviceIs(msg.request_id, device, self.config.clip.model, self.adapter is not None))
+        """Where the weights are; a model that was never created is on no device (spec property 12), and the
+        reply says why, as the degraded status does."""
+        if self.adapter is None:
+            reason = self.failure or "the CLIP model is still being created"
+            self.send(sender, ClipDeviceIs(msg.request_id, CLIP_UNAVAILABLE, self.config.clip.model, reason))
+            return
+        self.send(sender, ClipDeviceIs(msg.request_id, self.adapter.device, self.config.clip.model, self.failure or ""))

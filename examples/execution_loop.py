@@ -56,7 +56,11 @@ def run(steps: int) -> None:
 
             print(f"--- step {step}: AUTOPILOT")
             reached = client.set_mode("autopilot", wait=True, timeout_s=120)  # CLIP only: works without Ollama
-            print(f"autopilot reached in {reached.duration_s:.2f} s; CLIP on {client.get_clip_device()}")
+            device = client.get_clip_device()
+            print(f"autopilot reached in {reached.duration_s:.2f} s; CLIP on {device}")
+            if device == "unavailable":  # no CLIP model (weights missing or corrupt): nothing to embed with
+                print(f"CLIP unavailable: {device.reason}")
+                continue
             crops = np.random.default_rng(step).integers(0, 255, (4, 224, 224, 3), dtype=np.uint8)
             began = time.perf_counter()
             vectors = client.embed_images(crops)  # shared memory, not pickled bytes

@@ -47,6 +47,18 @@ RESTART_CHECK_S = 2.0  # after this long without the answer, ask the supervisor 
 NOT_RESENT = frozenset({"NewConversation"})  # the one request that is not idempotent: a second would start another
 
 
+class ClipDevice(str):
+    """The device CLIP's weights are on, compared as a plain string (`== "unavailable"`), with the mover's reason
+    for a degraded CLIP attached: the caller who sees "unavailable" learns why in the same answer."""
+
+    reason: str
+
+    def __new__(cls, device: str, reason: str = "") -> ClipDevice:
+        obj = super().__new__(cls, device)
+        obj.reason = reason
+        return obj
+
+
 class _Replaced(Exception):
     """The actor asked was restarted before it answered: the request died with it."""
 
@@ -259,9 +271,11 @@ class MaiClient:
         reply: Embeddings = self._ask("clip", EmbedTexts(new_request_id(), tuple(texts)), timeout_s)
         return reply.vectors
 
-    def get_clip_device(self) -> str:
+    def get_clip_device(self) -> ClipDevice:
+        """"cpu", "cuda:N" (or the simulator's "sim-gpu"), or "unavailable" for a CLIP whose model does not exist;
+        `.reason` says why CLIP is degraded ("" when it is not)."""
         reply: ClipDeviceIs = self._ask("clip", GetClipDevice(new_request_id()), self.config.system.ask_timeout_s)
-        return reply.device
+        return ClipDevice(reply.device, reply.reason)
 
     def migrate_clip_to_gpu(self, timeout_s: float = 60.0) -> str:
         reply: ClipPlaced = self._ask("coordinator", PlaceClip(new_request_id(), "gpu", timeout_s), timeout_s + _SLACK_S)

@@ -222,9 +222,21 @@ class GetClipDevice:
     request_id: str
 
 
+CLIP_UNAVAILABLE = "unavailable"  # ClipDeviceIs.device of a CLIP whose model does not exist: never "cpu"
+
+
 @dataclass(frozen=True)
 class ClipDeviceIs:
+    """Where CLIP's weights really are ("cpu", "cuda:N", "sim-gpu"), or CLIP_UNAVAILABLE with the reason the model
+    could not be created: a CLIP that does not exist is on no device, and saying "cpu" would hide the fault."""
+
     request_id: str
     device: str
     model: str
-    ready: bool
+    reason: str = ""  # why CLIP is degraded (required when unavailable), "" when healthy
+
+    def __post_init__(self) -> None:
+        check_text(self, "request_id")
+        check_text(self, "device", max_len=64)
+        check_text(self, "model")
+        check_text(self, "reason", allow_empty=self.device != CLIP_UNAVAILABLE)

@@ -66,7 +66,7 @@ VALID: dict[str, dict[str, Any]] = {
     "ChatUnloaded": dict(step_id="s1", model="qwen"),
     "ChatYield": dict(needed_bytes=2**30, reason="recording needs the VRAM"),
     "ChildInfo": dict(role="vlm", address=None, restarts=0, last_exit_at=None),
-    "ClipDeviceIs": dict(request_id="r1", device="cpu", model="ViT-B-32", ready=True),
+    "ClipDeviceIs": dict(request_id="r1", device="cpu", model="ViT-B-32", reason=""),
     "ClipMoved": dict(step_id="s1", device="cpu", footprint_bytes=600 * 2**20, move_s=0.05),
     "ClipObserved": dict(device="cpu", footprint_bytes=600 * 2**20, ready=True, model="ViT-B-32"),
     "ClipPlaced": dict(request_id="r1", device="cpu"),
@@ -161,8 +161,10 @@ VALID: dict[str, dict[str, Any]] = {
     "WatchVram": dict(request_id="r1"),
 }
 
-# Fields checked together: a bad value in one may be reported on its partner (EmbedImages: paths XOR shared memory).
-RELATED_FIELDS = {"EmbedImages": {"paths", "shm_name", "shm_shape"}}
+# Fields checked together: a bad value in one may be reported on its partner (EmbedImages: paths XOR shared memory;
+# ClipDeviceIs: an "unavailable" device needs a reason).
+RELATED_FIELDS = {"EmbedImages": {"paths", "shm_name", "shm_shape"},
+                  "ClipDeviceIs": {"device", "reason"}}  # an unavailable CLIP's reply must say why
 
 HOSTILE = st.one_of(
     st.none(),

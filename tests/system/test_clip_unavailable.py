@@ -11,9 +11,6 @@ from tests.system.harness import running_mai, wait_for
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.xfail(strict=True, reason="product bug (actors/clip_mover.py receiveMsg_GetClipDevice): a CLIP whose "
-                   "model could not be created answers device 'cpu' (ready=False), and mai/client.get_clip_device "
-                   "returns that 'cpu' as is")
 def test_get_clip_device_answers_unavailable_for_a_clip_that_does_not_exist(tmp_path):
     missing = tmp_path / "no-such-checkpoint.safetensors"
     clip = {"backend": "simulated", "model": "ViT-Tiny-test", "pretrained": str(missing)}
@@ -21,4 +18,5 @@ def test_get_clip_device_answers_unavailable_for_a_clip_that_does_not_exist(tmp_
         degraded = wait_for(lambda: dict(client.get_status().degraded).get("clip"), timeout_s=60)
         assert str(missing) in degraded  # the mover really failed to create it, and says why
         assert not client.get_status().clip.ready
-        assert client.get_clip_device() == "unavailable"
+        device = client.get_clip_device()
+        assert device == "unavailable" and str(missing) in device.reason  # the same cause as the degraded status
