@@ -53,7 +53,8 @@ class ClipMover(MaiActor):
         if self.adapter is None:
             coordinator = self.peers.get("coordinator")
             if coordinator is not None:  # a fresh mover holds nothing on the GPU: say so before the (slow) creation
-                self.send(coordinator, ClipObserved("cpu", 0, False, self.config.clip.model))
+                self.send(coordinator, ClipObserved("cpu", 0, False, self.config.clip.model, os.getpid(),
+                                                    observed_at=time.time()))
             self._create()
         self._observe()
 
@@ -126,11 +127,12 @@ class ClipMover(MaiActor):
         if coordinator is None:
             return
         self.send(coordinator, PartHealth("clip", self.failure is None, self.failure or ""))
+        read_at = time.time()  # lets the coordinator tell this report from an older one delivered after it
         if self.adapter is not None:
             self.send(coordinator, ClipObserved(self.adapter.device, self._footprint(), True, self.config.clip.model,
-                                                os.getpid()))
+                                                os.getpid(), read_at))
         else:
-            self.send(coordinator, ClipObserved("cpu", 0, False, self.config.clip.model, os.getpid()))
+            self.send(coordinator, ClipObserved("cpu", 0, False, self.config.clip.model, os.getpid(), read_at))
 
     def receiveMsg_Reobserve(self, msg: Reobserve, sender: Any) -> None:
         self._observe()

@@ -127,6 +127,9 @@ class ClipObserved:
     ready: bool
     model: str
     pid: int = 0  # the CLIP process: tells its row in NVML's per-process figures apart (0: not known)
+    # time.time() when the mover read its state (0: not said). Thespian may deliver two reports, or a report and a
+    # move's result, out of order; the newest reading is the truth (not compared: equal readings are equal).
+    observed_at: float = field(default=0.0, compare=False)
 
 
 @dataclass(frozen=True)

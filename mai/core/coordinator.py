@@ -386,6 +386,7 @@ class Coordinator:
         self._vlm_step_sent_at = float("-inf")  # when the last VLM step whose result came was sent
         self._clip_reported = 0  # what the mover says CLIP takes (its parameter bytes): until measured
         self._clip_pid = 0  # the CLIP process, to tell its row in NVML's per-process figures (0: not known)
+        self._clip_known_at = float("-inf")  # the newest CLIP reading applied: a report's read time, a move's send time
         self._vlm_state = "unknown"
         self._vlm_size_bytes = 0
         self._vlm_size_vram_bytes = 0
@@ -634,6 +635,12 @@ class Coordinator:
         if self._inflight and self._inflight.step.kind in (MOVE_CLIP_CPU, MOVE_CLIP_GPU):
             fx.append(Log("clip.observed_during_step", {"device": msg.device}))
             return
+        if msg.observed_at and msg.observed_at < self._clip_known_at:
+            # Read before a newer report or move, delivered after it (Thespian does not keep the order).
+            fx.append(Log("clip.observed_stale", {"device": msg.device, "ready": msg.ready,
+                                                  "observed_at": msg.observed_at, "known_at": self._clip_known_at}))
+            return
+        self._clip_known_at = max(self._clip_known_at, msg.observed_at)
         was = self._clip_placement
         self._clip_device, self._clip_placement = msg.device, _placement(msg.device)
         self._clip_ready, self._clip_model = msg.ready, msg.model
@@ -683,6 +690,8 @@ class Coordinator:
         inflight, self._inflight = self._inflight, None
         if inflight.step.kind in (LOAD_VLM, UNLOAD_VLM):
             self._vlm_step_sent_at = inflight.sent_at
+        if inflight.step.kind in (MOVE_CLIP_CPU, MOVE_CLIP_GPU):
+            self._clip_known_at = max(self._clip_known_at, inflight.sent_at)
         return inflight
 
     def _on_vlm_loaded(self, msg: VlmLoaded, sender: object, now: float, fx: list[Effect]) -> None:
