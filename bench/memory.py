@@ -1,8 +1,8 @@
 """Memory: RSS of each of Mai's processes at rest and after hours of simulated agent traffic; it must stay bounded.
 
-    python -m bench.memory [--n N] [--json] [--quick]
+    python -m bench.memory [--n N] [--json] [--quick] [--clip-model ViT-B-32|ViT-Tiny-test]
 
-Mai runs on simulated backends (bench/system_runner.py). After start-up and a few seconds of rest, every process of
+Mai runs on simulated backends (bench/system_runner.py) with the real ViT-B-32 architecture (random weights) as CLIP. After start-up and a few seconds of rest, every process of
 the system is measured: RSS, and USS (the pages only that process holds) for the totals, because forked actors
 share pages with the admin and a sum of RSS counts those once per process. Then N rounds (default 2) each replay one hour of an ExecutionLoop's control traffic as fast
 as Mai takes it, and the processes are measured again after each round:
@@ -35,10 +35,14 @@ from typing import Any
 import numpy as np
 
 from bench.system_runner import (
+    BENCH_CLIP,
+    CLIP_MODELS,
     BenchSystem,
     MiB,
     ProcessRss,
     bench_system,
+    clip_facts,
+    clip_line,
     machine,
     machine_line,
     table,
@@ -126,12 +130,12 @@ def _snapshot(system: BenchSystem, client: Any, rest_s: float) -> list[ProcessRs
     return system.processes(client)
 
 
-def measure(rounds: int, seconds: int, rest_s: float) -> dict[str, Any]:
+def measure(rounds: int, seconds: int, rest_s: float, clip_model: str = BENCH_CLIP) -> dict[str, Any]:
     ops = schedule(seconds)
     snapshots: list[list[ProcessRss]] = []
     round_s: list[float] = []
     counts = {"events": 0, "subscriptions": 0}
-    with bench_system() as system, system.client() as client:
+    with bench_system(clip_model=clip_model) as system, system.client() as client:
         port = system.config.system.admin_port
         snapshots.append(_snapshot(system, client, rest_s))
         agent = Agent(client, system.workdir)
@@ -205,6 +209,7 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join([
         "Memory of Mai's processes (MiB): at rest, then after each round of simulated agent traffic",
         machine_line(result["machine"]),
+        clip_line(result["clip"]),
         f"rounds: {rounds} x {length} each ({ops}); round wall times "
         + ", ".join(f"{s:.0f} s" for s in result["round_s"])
         + f"; subscriber: {result['subscriber']['events']} events over {result['subscriber']['subscriptions']} subscriptions",
@@ -223,14 +228,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=2, help="rounds of simulated traffic (at least 2, default 2)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--quick", action="store_true", help=f"rounds of {QUICK_S} simulated seconds: checks the benchmark runs")
+    parser.add_argument("--clip-model", choices=CLIP_MODELS, default=BENCH_CLIP,
+                        help=f"CLIP architecture, random weights (default {BENCH_CLIP}; the tiny test model only checks the benchmark runs)")
     args = parser.parse_args(argv)
     if args.n < 2:
         parser.error(f"--n must be at least 2 (growth is judged on the rounds after the first), got {args.n}")
     seconds = QUICK_S if args.quick else HOUR_S
     began = time.monotonic()
-    measured = measure(args.n, seconds, QUICK_REST_S if args.quick else REST_S)
+    measured = measure(args.n, seconds, QUICK_REST_S if args.quick else REST_S, args.clip_model)
     rows, totals = summarise(measured["snapshots"])
-    result = {"bench": "memory", "machine": machine(), "n": args.n, "quick": args.quick, "ports": measured["ports"],
+    result = {"bench": "memory", "machine": machine(), "clip": clip_facts(args.clip_model), "n": args.n, "quick": args.quick, "ports": measured["ports"],
               "simulated_s": seconds,
               "wall_s": round(time.monotonic() - began, 1), "round_s": [round(s, 1) for s in measured["round_s"]],
               "ops": measured["ops"], "op_mean_ms": measured["op_mean_ms"], "subscriber": measured["subscriber"], "rows": rows, "totals": totals,

@@ -1,8 +1,9 @@
 """Soak: Mai under random operations from several client processes, with faults injected, for minutes.
 
-    python -m bench.soak [--minutes 10] [--clients 4] [--seed 1] [--json]
+    python -m bench.soak [--minutes 10] [--clients 4] [--seed 1] [--json] [--clip-model ViT-B-32|ViT-Tiny-test]
 
-A private Mai on the simulated GPU with the Ollama double (`bench.system_runner.bench_system`). Client processes
+A private Mai on the simulated GPU with the Ollama double (`bench.system_runner.bench_system`), CLIP the real
+ViT-B-32 architecture with random weights. Client processes
 run random operations (mode switches, VLM leases, text and image embeddings, status) until the end; meanwhile
 faults are injected in turn: an actor process killed with SIGKILL, the Ollama double killed then started again,
 the double answering 500 for a while. Every few seconds the RSS of each Mai process (admin, logger, supervisor,
@@ -32,7 +33,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from bench.system_runner import bench_system, machine, machine_line, percentile
+from bench.system_runner import (BENCH_CLIP, CLIP_MODELS, bench_system, clip_facts, clip_line, machine, machine_line,
+                                 percentile)
 
 MiB = 2**20
 MODES = ("autopilot", "recording", "idle")
@@ -382,13 +384,14 @@ def inject(fault: str, system: Any, watch: ProcessWatch, rng: random.Random) -> 
 
 # --- the soak -----------------------------------------------------------------------------------------------------
 def soak(duration_s: float, clients: int = 4, seed: int = 1, *, fault_every_s: float = 30.0,
-         warmup_s: float | None = None, bound_mb: float = RSS_BOUND_MB, log: Any = print) -> dict[str, Any]:
+         warmup_s: float | None = None, bound_mb: float = RSS_BOUND_MB, clip_model: str = BENCH_CLIP,
+         log: Any = print) -> dict[str, Any]:
     """Run the soak and return its report (see the module docstring); `log` gets progress lines."""
     warmup_s = warmup_s if warmup_s is not None else min(60.0, duration_s / 5)
     rng = random.Random(seed)
     report: dict[str, Any] = {"duration_s": duration_s, "clients": clients, "seed": seed, "machine": machine(),
-                              "faults": [], "problems": []}
-    with bench_system(load_time_s=0.2, unload_delay_s=0.1) as system:
+                              "clip": clip_facts(clip_model), "faults": [], "problems": []}
+    with bench_system(load_time_s=0.2, unload_delay_s=0.1, clip_model=clip_model) as system:
         port = system.config.system.admin_port
         images = write_images(system.workdir / "images")
         with system.client() as client:
@@ -448,7 +451,7 @@ def soak(duration_s: float, clients: int = 4, seed: int = 1, *, fault_every_s: f
 
 def report_text(report: dict[str, Any]) -> str:
     lines = [f"soak: {report['duration_s'] / 60:.1f} min, {report['clients']} client processes, seed {report['seed']}",
-             machine_line(report["machine"]), "",
+             machine_line(report["machine"]), clip_line(report["clip"]), "",
              f"RSS per process after {report['warmup_s']:.0f} s of warm-up (bounded: grew at most "
              f"{report['rss_bound_mb']:.0f} MB):", rss_table(report["rss"]), "",
              "operations:", latency_table(report["operations"]), "",
@@ -474,11 +477,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--fault-every-s", type=float, default=30.0, help="seconds between faults (default 30)")
     parser.add_argument("--json", action="store_true", help="the report as JSON")
+    parser.add_argument("--clip-model", choices=CLIP_MODELS, default=BENCH_CLIP,
+                        help=f"CLIP architecture, random weights (default {BENCH_CLIP}; the tiny test model only checks the soak runs)")
     args = parser.parse_args(argv)
     if not (0.25 <= args.minutes <= 24 * 60 and 1 <= args.clients <= 64 and args.fault_every_s > 0):
         parser.error("accepted: --minutes from 0.25 to 1440, --clients from 1 to 64, --fault-every-s > 0")
     progress = (lambda line: print(line, file=sys.stderr)) if args.json else print
-    report = soak(args.minutes * 60, args.clients, args.seed, fault_every_s=args.fault_every_s, log=progress)
+    report = soak(args.minutes * 60, args.clients, args.seed, fault_every_s=args.fault_every_s,
+                  clip_model=args.clip_model, log=progress)
     print(json.dumps(report, indent=2) if args.json else report_text(report))
     return 0 if report["ok"] else 1
 

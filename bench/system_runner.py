@@ -1,8 +1,11 @@
 """The systems the benchmarks measure: a private Mai on simulated backends, and a bare Thespian echo to compare with.
 
 Mai is started the way a user starts it (`python -m mai --config F start`, so a separate daemonised
-multiprocTCPBase on its own loopback port) with a private state dir, the simulated GPU ledger, simulated CLIP (the
-tiny OpenCLIP test model on the CPU) and the Ollama double in its own process sharing that ledger. LM Studio is
+multiprocTCPBase on its own loopback port) with a private state dir, the simulated GPU ledger, simulated CLIP (real
+OpenCLIP on the CPU, its GPU placement recorded in the ledger) and the Ollama double in its own process sharing that
+ledger. CLIP is the real ViT-B-32 architecture with random weights (`pretrained=None`: no download), so memory and
+embedding figures are a user's CLIP's; the tiny test model (`--clip-model ViT-Tiny-test`) only checks that a
+benchmark runs, and its figures say so. LM Studio is
 disabled: the benchmarks are about GPU arbitration, and a chat agent retrying a closed port would only add noise.
 It is always stopped, and any process of it left behind is killed, even when a benchmark fails.
 
@@ -41,6 +44,9 @@ from mai.sim.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 VLM = "qwen2.5vl:7b"
+BENCH_CLIP = "ViT-B-32"  # the architecture Mai ships with; random weights cost what trained ones cost
+TEST_CLIP = "ViT-Tiny-test"  # open_clip's tiny test model: seconds faster to create, nothing like a user's CLIP
+CLIP_MODELS = (BENCH_CLIP, TEST_CLIP)
 GiB = 2**30
 MiB = 2**20
 
@@ -65,6 +71,19 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "thespian": metadata.version("thespian"),
     }
+
+
+def clip_facts(model: str) -> dict[str, Any]:
+    """What CLIP a figure was measured with, for the report beside the machine."""
+    if model not in CLIP_MODELS:
+        raise ValueError(f"unknown benchmark CLIP model {model!r}; accepted: {', '.join(CLIP_MODELS)}")
+    return {"model": model, "pretrained": None, "weights": "random", "backend": "simulated GPU ledger, OpenCLIP on the CPU",
+            "test_model": model == TEST_CLIP}
+
+
+def clip_line(clip: dict[str, Any]) -> str:
+    note = " (the tiny TEST model: these figures are not a real CLIP's)" if clip["test_model"] else ""
+    return f"clip: {clip['model']}, {clip['weights']} weights (pretrained=None), {clip['backend']}{note}"
 
 
 def machine_line(info: dict[str, Any]) -> str:
@@ -178,12 +197,12 @@ class BenchSystem:
         return sorted(out, key=lambda p: p.role)
 
 
-def _config(workdir: Path, ledger: Path, ollama_host: str) -> dict[str, Any]:
+def _config(workdir: Path, ledger: Path, ollama_host: str, clip_model: str) -> dict[str, Any]:
     return {
         "system": {"admin_port": free_port(), "state_dir": str(workdir / "state"), "start_timeout_s": 120,
                    "stop_timeout_s": 15},
         "gpu": {"backend": "simulated", "simulated_total_mb": 12288, "simulated_ledger": str(ledger)},
-        "clip": {"backend": "simulated", "model": "ViT-Tiny-test", "pretrained": None},
+        "clip": {"backend": "simulated", "model": clip_model, "pretrained": None},
         "ollama": {"host": ollama_host, "vlm_model": VLM},
         "lmstudio": {"enabled": False},
         "logging": {"console": False},
@@ -201,10 +220,12 @@ def wait_for(predicate: Any, timeout_s: float, what: str, interval_s: float = 0.
 
 
 @contextmanager
-def bench_system(*, load_time_s: float = 0.0, unload_delay_s: float = 0.0,
-                 vram_release_lag_s: float = 0.0) -> Iterator[BenchSystem]:
+def bench_system(*, load_time_s: float = 0.0, unload_delay_s: float = 0.0, vram_release_lag_s: float = 0.0,
+                 clip_model: str = BENCH_CLIP) -> Iterator[BenchSystem]:
     """A private Mai, ready (VLM state known, CLIP created), for the duration of the block."""
     from config import load_config
+
+    clip_facts(clip_model)  # an unknown model fails here, before anything starts
 
     workdir = Path(tempfile.mkdtemp(prefix="mai-bench-"))
     ledger = workdir / "gpu.sqlite"
@@ -213,7 +234,7 @@ def bench_system(*, load_time_s: float = 0.0, unload_delay_s: float = 0.0,
                            unload_delay_s=unload_delay_s,
                            extra_args=("--vram-release-lag-s", str(vram_release_lag_s))) as ollama:
             path = workdir / "mai.yaml"
-            path.write_text(yaml.safe_dump(_config(workdir, ledger, ollama.host)))
+            path.write_text(yaml.safe_dump(_config(workdir, ledger, ollama.host, clip_model)))
             system = BenchSystem(workdir, path, load_config(path, env={}), ollama)
             started = system.cli("start", timeout_s=180)
             try:

@@ -76,6 +76,7 @@ def test_mode_switch_separates_backend_time_from_overhead_in_both_directions():
 
 def test_memory_measures_every_process_at_rest_and_after_each_round():
     data = _bench("memory")
+    assert data["clip"]["model"] == "ViT-B-32" and not data["clip"]["test_model"]  # the figures are a real CLIP's
     rows = {r["process"]: r for r in data["rows"]}
     assert set(rows) == ACTOR_ROLES
     for row in rows.values():
