@@ -226,7 +226,7 @@ class ConversationAgent(MaiActor):
 
     def receiveMsg_Grantable(self, msg: Grantable, sender: Any) -> None:
         if self.recheck is not None and msg.request_id == self.recheck.request_id:
-            self._recheck_with(msg.grantable_bytes)
+            self._recheck_with(msg.grantable_bytes, msg.room_bytes)
             return
         turn = self.turn
         if turn is None or turn.phase != "choose" or msg.request_id != turn.request.request_id:
@@ -484,12 +484,15 @@ class ConversationAgent(MaiActor):
         self.recheck = _Recheck(new_request_id())
         self._tell_coordinator(GetGrantable(self.recheck.request_id))
 
-    def _recheck_with(self, grantable: int | None) -> None:
+    def _recheck_with(self, grantable: int | None, room: int | None) -> None:
         """Resources running short switch *down* at once (the policy's rule); a better model waits for a turn and
-        the policy's hysteresis. Silent: one log line, with the reason, when the model changes."""
+        the policy's hysteresis. Silent: one log line, with the reason, when the model changes. Short means the GPU
+        itself has no room left for the model (`room`): a grantable figure that is low only because Mai's own plan
+        claims the bytes for a while (a mode switch in progress) is not a reason to load another model — the mode
+        asks the model to yield when it needs the bytes, and the next turn chooses again."""
         recheck, current = self.recheck, self.current
         assert recheck is not None
-        if current is None or grantable is None or current.footprint_bytes <= grantable:
+        if current is None or grantable is None or room is None or current.footprint_bytes <= room:
             self.recheck = None
             return
         choice = self.policy.choose(grantable, self.availability, time.time(), current=current.key, pinned=self.pinned)

@@ -202,3 +202,6 @@ class Grantable:
     request_id: str
     grantable_bytes: int | None
     chat_model: str | None
+    # The room the chat model has on the GPU as it is now, without the mode's claims or the room kept for the VLM
+    # and CLIP: below the model's footprint only when the GPU itself ran short (another program took the VRAM).
+    room_bytes: int | None = None

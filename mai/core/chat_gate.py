@@ -75,6 +75,19 @@ def grantable_bytes(world: World, plan: Plan) -> int | None:
     return max(0, room)
 
 
+def room_bytes(world: World) -> int | None:
+    """The room the chat model has as the GPU is now: free less the reserve plus what it holds, without the mode's
+    claims or the room kept for the VLM and CLIP. A chat model that no longer fits here has been squeezed by
+    something outside Mai's plan (another program); Mai's own steps ask it to yield instead (issue 12, hole 8).
+    Optimistic where the grantable is conservative (allocations a reading may already show count once, not twice):
+    it answers "is the model surely squeezed?", a reason to load another one. None without a reading; the
+    coordinator also gives None while a step is in flight (its world is then a projection, not the GPU as it is)."""
+    if world.gpu is None or world.free_bytes is None:
+        return None
+    return max(0, world.free_bytes + world.uncertain_bytes + world.unconfirmed_bytes - world.reserve_bytes
+               + world.chat_bytes)
+
+
 def chat_refusal(model: str, needed_bytes: int, grantable: int, world: World, plan: Plan) -> InsufficientVram:
     """A chat load that would not fit (invariant 12): `free_bytes` is the grantable, so the agent can choose a
     smaller model with it. Beyond an idle VLM (already counted in the grantable when it would give its place),

@@ -240,7 +240,7 @@ class Gate:
 
     def answer(self, msg: Any) -> Any:
         if isinstance(msg, GetGrantable):
-            return Grantable(msg.request_id, self.grantable, None)
+            return Grantable(msg.request_id, self.grantable, None, self.grantable)
         if isinstance(msg, ChatNeeds) and not msg.unload:
             if self.grantable is not None and msg.needed_bytes > self.grantable:
                 err = InsufficientVram(f"{msg.model} needs {msg.needed_bytes} bytes", needed_bytes=msg.needed_bytes,

@@ -3,6 +3,8 @@ simulated GPU, Ollama, CLIP mover and sampler in virtual time, so each test read
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -494,15 +496,20 @@ def test_a_newer_placement_supersedes_an_older_one():
 BIG, MEDIUM, SMALL = DEFAULT_CHAT_MODELS  # qwen3:8b, qwen3:4b, qwen3:1.7b (asked for 5.5, 3 and 1.25 GiB)
 
 
+def _policy_part(reply: object) -> object:
+    """A Grantable without its room figure (tests/unit/test_chat_gate_room.py checks that one)."""
+    return dataclasses.replace(reply, room_bytes=None)  # type: ignore[type-var]
+
+
 def test_grantable_is_free_less_reserve_plus_what_the_chat_model_holds():
     w = world()
-    assert w.ask(GetGrantable("g1"), "chat") == Grantable("g1", 12 * GIB - 512 * MIB, None)
+    assert _policy_part(w.ask(GetGrantable("g1"), "chat")) == Grantable("g1", 12 * GIB - 512 * MIB, None)
     w.chat_turn(want=1)
     w.advance(5)
     assert w.chat.current == MEDIUM and w.ledger.held("chat") == MEDIUM.true_bytes
     # Its load is in the estimate; a fresh reading first shows it once (no double count), and switching would give
     # its bytes back: the agent may take all of it again.
-    assert w.ask(GetGrantable("g2"), "chat", within_s=1) == Grantable("g2", 12 * GIB - 512 * MIB, MEDIUM.key)
+    assert _policy_part(w.ask(GetGrantable("g2"), "chat", within_s=1)) == Grantable("g2", 12 * GIB - 512 * MIB, MEDIUM.key)
     assert w.core.status("s", w.now).chat_model == MEDIUM.key
 
 
@@ -512,7 +519,7 @@ def test_grantable_leaves_out_what_the_mode_still_has_to_load():
     w.send(SetMode("r1", "recording"))
     w.advance(1)
     # The VLM load is blocked while it waits for its retry, but its 6 GiB stay promised to it.
-    assert w.ask(GetGrantable("g1"), "chat") == Grantable("g1", 12 * GIB - GIB - 512 * MIB - 6 * GIB, None)
+    assert _policy_part(w.ask(GetGrantable("g1"), "chat")) == Grantable("g1", 12 * GIB - GIB - 512 * MIB - 6 * GIB, None)
     w.chat_turn(want=0)
     w.advance(5)
     assert w.chat.current == MEDIUM and not w.logs_of("chat.refused")  # 5.5 GiB do not fit in 4.5: 3 GiB do
@@ -525,7 +532,7 @@ def test_a_vlm_that_is_down_holds_no_room_back_and_the_chat_model_yields_when_it
     w = world(external_bytes=GIB)
     w.set_ollama_reachable(False)
     w.send(SetMode("r1", "recording"))
-    assert w.ask(GetGrantable("g1"), "chat") == Grantable("g1", 12 * GIB - GIB - 512 * MIB, None)
+    assert _policy_part(w.ask(GetGrantable("g1"), "chat")) == Grantable("g1", 12 * GIB - GIB - 512 * MIB, None)
     w.chat_turn(want=0)
     w.advance(5)
     assert w.chat.current == BIG and not w.logs_of("chat.refused")
@@ -693,7 +700,7 @@ def test_without_a_gpu_chat_is_bounded_by_the_host_memory_reading():
     # Issue 12, hole 7: never "unlimited"; the psutil reading (host memory) is what the fit check has.
     w = world(gpu_present=False)
     host = w.ledger.snapshot(w.now)
-    assert w.ask(GetGrantable("g1"), "chat") == Grantable("g1", host.free_bytes - 512 * MIB, None)
+    assert _policy_part(w.ask(GetGrantable("g1"), "chat")) == Grantable("g1", host.free_bytes - 512 * MIB, None)
     w.chat_turn(want=0)
     w.advance(5)
     assert w.chat.current == BIG and w.ledger.held("chat") == 0
@@ -705,11 +712,11 @@ def test_get_grantable_waits_for_the_first_reading():
     assert not [e for e in core.handle(GetGrantable("g1"), "chat", 0.0) if isinstance(e, Reply)]
     reading = VramReading("w", VramSnapshot(12 * GIB, GIB, 11 * GIB, "nvml", "gpu", 0.1), None)
     (reply,) = [e for e in core.handle(reading, "sampler", 0.1) if isinstance(e, Reply)]
-    assert reply == Reply("chat", Grantable("g1", 11 * GIB - 512 * MIB, None))
+    assert reply == Reply("chat", Grantable("g1", 11 * GIB - 512 * MIB, None, 11 * GIB - 512 * MIB))
     lonely = Coordinator(settings(), 0.0)
     lonely.handle(GetGrantable("g2"), "chat", 0.0)
     (late,) = [e for e in lonely.handle(Tick(), None, 5.0) if isinstance(e, Reply)]
-    assert late == Reply("chat", Grantable("g2", 0, None))  # no reading in time: nothing can be vouched for
+    assert late == Reply("chat", Grantable("g2", 0, None, None))  # no reading in time: nothing can be vouched for
 
 
 def test_a_late_chat_result_is_still_the_truth_about_what_the_agent_holds():

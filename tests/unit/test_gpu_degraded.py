@@ -174,7 +174,7 @@ def test_host_memory_readings_still_bound_chat_grants() -> None:
     host = VramSnapshot(16 * GIB, 10 * GIB, 6 * GIB, "psutil", "host memory (no GPU)", 0.0, gpu_present=False)
     core.handle(VramReading("watch", host, "no GPU: NVML Shared Library Not Found; CUDA: no CUDA"), "sampler", 0.0)
     replies = [e.message for e in core.handle(GetGrantable("g"), "chat", 0.1) if isinstance(e, Reply)]
-    assert replies == [Grantable("g", 6 * GIB - 512 * MIB, None)]
+    assert replies == [Grantable("g", 6 * GIB - 512 * MIB, None, 6 * GIB - 512 * MIB)]
     assert "host memory" in core.status("s", 0.2).fits_against
     assert "no reading" in Coordinator(settings(), 0.0).status("s", 0.0).fits_against
 
