@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, Union
 
-from mai.core.chat_gate import CHAT_LOAD, CHAT_UNLOAD, chat_refusal, grantable_bytes
+from mai.core.chat_gate import CHAT_LOAD, CHAT_UNLOAD, chat_refusal, grantable_bytes, room_bytes
 from mai.core.attribution import Owner, split_use
 from mai.core.footprints import footprint_key, judge_delta, parse_footprints
 from mai.core.retry import Backoff
@@ -395,6 +395,7 @@ class Coordinator:
         self._clip_model = ""
         self._clip_ready = False
         self._snapshot: VramSnapshot | None = None
+        self._gpu_snapshot: VramSnapshot | None = None  # the last GPU reading (kept while NVML fails: host readings)
         self._allocs: list[tuple[float, float, int]] = []  # (sent_at, completed_at, bytes) not in the last reading
         self._unconfirmed: _Unconfirmed | None = None
         self._leases: dict[str, _Lease] = {}
@@ -801,7 +802,10 @@ class Coordinator:
         self._take_reading(msg.snapshot, fx)
         if inflight is None:
             return
-        self._unconfirmed = None
+        if msg.snapshot.gpu_present or self._gpu_snapshot is None:
+            self._unconfirmed = None
+        # else: answered on host memory (NVML lost during the wait): nothing was confirmed; once a GPU reading is
+        # back, the freed bytes are confirmed before anything relies on them (invariants 3 and 4).
         self._step_done(inflight, now, fx)
         fields = {"recovered_bytes": msg.recovered_bytes, "waited_s": round(msg.waited_s, 3), "complete": msg.complete}
         fx.append(Log("vram.recovered" if msg.complete else "vram.recovery_incomplete", fields))
@@ -981,8 +985,8 @@ class Coordinator:
         the confirmation runs): the world counts them once, as unconfirmed (so they are still confirmed first), not
         a second time as free."""
         u = self._unconfirmed
-        if u is None or self._snapshot is None:
-            return 0
+        if u is None or self._snapshot is None or not self._snapshot.gpu_present:
+            return 0  # a host reading shows no VRAM coming back
         return min(u.expected_bytes, max(0, self._snapshot.free_bytes - u.baseline_free_bytes))
 
     def _vlm_idle(self) -> bool:
@@ -1011,6 +1015,7 @@ class Coordinator:
             chat_load_waiting=any(w.kind == "chat" and not w.request.unload for w in self._waiters),
             chat_load_bytes=max((w.request.needed_bytes for w in self._waiters if w.kind == "chat"
                                  and not w.request.unload), default=0) if self.settings.chat_takes_idle_vlm else 0,
+            entering=self._mode != self._target,
         )
 
     def _send(self, step: PlannedStep, now: float, fx: list[Effect]) -> None:
@@ -1068,11 +1073,14 @@ class Coordinator:
         self._read_wanted = True
 
     def _add_unconfirmed(self, nbytes: int, vlm: bool) -> None:
-        """Kept even while NVML is failing: if the GPU comes back, those bytes are confirmed before being used."""
-        if self._snapshot is not None and not self._snapshot.gpu_present:
-            return  # a machine without a GPU: there is no VRAM to confirm
+        """Kept even while NVML is failing: if the GPU comes back, those bytes are confirmed before being used. The
+        baseline is then the last GPU reading's free bytes (a host reading's are no baseline for VRAM): taken before
+        the freeing, it can only err high, which makes the confirmation wait longer, never pass early."""
+        if self._snapshot is not None and not self._snapshot.gpu_present and self._gpu_snapshot is None:
+            return  # a machine that never had a GPU reading: there is no VRAM to confirm
         if self._unconfirmed is None:
-            self._unconfirmed = _Unconfirmed(self._baseline_free(), 0, False)
+            baseline = self._baseline_free() if self._gpu() is not False else self._gpu_snapshot.free_bytes
+            self._unconfirmed = _Unconfirmed(baseline, 0, False)
         self._unconfirmed.expected_bytes += nbytes
         self._unconfirmed.includes_vlm = self._unconfirmed.includes_vlm or vlm
         self._unconfirmed.completed_at = None
@@ -1145,10 +1153,12 @@ class Coordinator:
 
     def _answer_grantable(self, w: _Waiter, now: float, fx: list[Effect]) -> None:
         self._waiters.remove(w)
-        grantable = grantable_bytes(self._world(now), self._plan(now))
-        fx.append(Log("chat.grantable", {"grantable_bytes": grantable, "chat_model": self._chat_model,
+        world = self._world(now)
+        grantable = grantable_bytes(world, self._plan(now))
+        room = None if self._inflight is not None else room_bytes(world)
+        fx.append(Log("chat.grantable", {"grantable_bytes": grantable, "room_bytes": room, "chat_model": self._chat_model,
                                          "chat_bytes": self._chat_bytes, "request_id": w.request.request_id}))
-        fx.append(Reply(w.sender, Grantable(w.request.request_id, grantable, self._chat_model)))
+        fx.append(Reply(w.sender, Grantable(w.request.request_id, grantable, self._chat_model, room)))
 
     # --- settle helpers -------------------------------------------------------------------------------------------
 
@@ -1493,12 +1503,15 @@ class Coordinator:
             return  # an older reading that arrived late
         self._snapshot = snapshot
         self._fresh_snapshot = True
-        if not snapshot.gpu_present:
-            self._unconfirmed = None
+        if snapshot.gpu_present:
+            self._gpu_snapshot = snapshot
+        elif self._gpu_snapshot is None:
+            self._unconfirmed = None  # no GPU ever read: nothing to confirm (NVML failing keeps them, see above)
         self._allocs = [a for a in self._allocs if a[1] > snapshot.taken_at]
         u = self._unconfirmed
-        if u is not None and not u.includes_vlm and u.completed_at is not None and snapshot.taken_at > u.completed_at:
-            self._unconfirmed = None  # a reading taken after the freeing shows the freed bytes
+        if u is not None and not u.includes_vlm and u.completed_at is not None and snapshot.taken_at > u.completed_at \
+                and snapshot.gpu_present:
+            self._unconfirmed = None  # a GPU reading taken after the freeing shows the freed bytes
 
     def _check_vlm_gone(self, snapshot: VramSnapshot, now: float, fx: list[Effect]) -> None:
         """A VLM whose server is gone (Ollama crashed: its runner went with it) and whose memory came back is not
