@@ -124,6 +124,7 @@ class Demand:
     chat_load_waiting: bool = False  # a chat model load waits for the gate: freed bytes are confirmed first
     chat_needs_reading: bool = False  # the chat agent waits on a figure a stale estimate cannot give: read again
     chat_load_bytes: int = 0  # the largest chat load waiting (0: none, or chat may not take an idle VLM's place)
+    entering: bool = False  # the target mode is not reached yet: a vlm=loaded mode's VLM gives chat no place yet
 
 
 @dataclass(frozen=True)
@@ -233,9 +234,9 @@ def vlm_yields_to_chat(world: World, clip_goal: Goal, demand: Demand) -> bool:
     """A chat load waits that would fit in the VLM's place, not even the smallest chat model fits beside it, and
     nobody uses the VLM: it goes (and stays off while that load waits). The room counts what CLIP still has to claim
     (the mode's part wins)."""
-    if not demand.chat_load_bytes or demand.on_demand or demand.leases_held or not world.gpu \
-            or world.free_bytes is None:
-        return False
+    if not demand.chat_load_bytes or not world.chat_min_bytes or demand.on_demand or demand.leases_held \
+            or not world.gpu or world.free_bytes is None:
+        return False  # chat_min_bytes 0 (no catalog figure): the rule is off
     vlm_on = world.vlm_state in ("loaded", "loading")
     if vlm_on and not world.vlm_idle:
         return False
@@ -250,7 +251,10 @@ def plan_steps(world: World, policy: ModePolicy, demand: Demand) -> Plan:
     """The ordered steps from `world` to what `policy` and `demand` want (see the module docstring)."""
     vlm_goal = resolve_vlm(policy, demand)
     clip_goal = resolve_clip(policy, demand, world)
-    if vlm_goal.reason not in ("demand", "ensure", "idle") and vlm_yields_to_chat(world, clip_goal, demand):
+    # Invariant 1 holds when a mode is entered: a VLM the mode loads gives chat its place only once the mode is reached.
+    entering_with_vlm = demand.entering and policy.vlm == "loaded"
+    if vlm_goal.reason not in ("demand", "ensure", "idle") and not entering_with_vlm \
+            and vlm_yields_to_chat(world, clip_goal, demand):
         vlm_goal = Goal("unloaded", "chat")
     notes: list[str] = []
     vlm_fp, clip_fp, reserve = world.vlm_footprint_bytes, world.clip_footprint_bytes, world.reserve_bytes

@@ -60,7 +60,9 @@ class SamplerCore:
     def _answer(self, snapshot: VramSnapshot, now: float) -> list[tuple[Any, VramRecovered]]:
         answered, pending = [], []
         for w in self.waits:
-            recovered = max(0, snapshot.free_bytes - w.request.baseline_free_bytes)
+            # Host memory (NVML and CUDA unusable) says nothing of VRAM: such a reading never confirms a recovery; the
+            # wait goes on until a GPU reading shows the bytes back, or its deadline (answered incomplete).
+            recovered = max(0, snapshot.free_bytes - w.request.baseline_free_bytes) if snapshot.gpu_present else 0
             complete = recovered >= w.request.fraction * w.request.expected_bytes
             if complete or now >= w.deadline:
                 answered.append((w.reply_to, VramRecovered(w.request.step_id, snapshot, recovered, now - w.started, complete)))

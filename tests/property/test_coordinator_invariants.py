@@ -259,9 +259,14 @@ class GateMachine(RuleBasedStateMachine):
             assert world.vlm.state != "unloading"
         if isinstance(msg, LoadVlm) and world.gpu_usable:
             policy = self.settings.modes[world.core.target_mode]
-            if policy.clip == "cpu" and self.pin != "gpu":
+            clip_heard = world.core.status("check", world.now).clip.device != "unknown"
+            if policy.clip == "cpu" and self.pin != "gpu" and clip_heard:
                 # Invariant 3 (RECORDING): CLIP is off the GPU before the VLM load starts.
                 assert world.clip.placement == "cpu" and world.clip.alloc is None, "VLM load with CLIP on the GPU"
+            # Not while CLIP has not reported its device (a restarted coordinator whose Reobserve the loader answered
+            # first): issue 12 hole 1 and plan rule 6 let that load go on, because a fresh mover starts on the CPU
+            # and a CLIP on the GPU is in the reading the load was fitted to (invariant 12's ledger check below
+            # proves the load fitted next to it); CLIP moves to the CPU once it reports.
         if isinstance(msg, UnloadVlm):
             # Invariant 8: never unload while a lease is held.
             assert not self.held, f"unload while leases {sorted(self.held)} are held"
