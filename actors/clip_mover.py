@@ -99,7 +99,7 @@ class ClipMover(MaiActor):
                 self.log.info("clip.nvml_unavailable", reason=str(err))
         nvml_uuid = self.nvml.device_uuid if self.nvml is not None else None
         try:
-            index, note = resolve_cuda_index(device, self.adapter.cuda_device_uuids(), nvml_uuid)
+            index, note = resolve_cuda_index(device, self._cuda().cuda_device_uuids(), nvml_uuid)
         except NoGpu as err:
             if err.details.get("cause") == "uuid_mismatch":
                 self.failure = str(err)
@@ -109,8 +109,22 @@ class ClipMover(MaiActor):
         if note:
             self.log.warning("clip.gpu_resolved", cuda_index=index, reason=note)
         self.cuda_index = index
-        self.gpu_uuid = normalise_uuid(self.adapter.cuda_device_uuids()[index])
+        self.gpu_uuid = normalise_uuid(self._cuda().cuda_device_uuids()[index])
         return index
+
+    def _cuda(self) -> Any:
+        """What answers CUDA questions in this process: the adapter, or — while the model could not be created (no
+        weights, a corrupt checkpoint) — the real adapter's class, whose CUDA queries need no model: whether CUDA
+        works has nothing to do with CLIP's weights. The simulated GPU needs its adapter."""
+        if self.adapter is not None:
+            return self.adapter
+        if self.config.clip.backend == "simulated":
+            raise NotRunning(self.failure or "the CLIP model is still being created")
+        try:
+            from backends.clip import OpenClipAdapter
+        except Exception as err:  # noqa: BLE001 - a broken torch install: that is why CUDA cannot be read
+            raise NotRunning(f"torch cannot be imported in the CLIP process: {type(err).__name__}: {err}") from err
+        return OpenClipAdapter
 
     def _free_bytes(self) -> Callable[[], int] | None:
         """NVML's free bytes of Mai's GPU, read around a move to measure what it took (context included)."""
@@ -174,10 +188,9 @@ class ClipMover(MaiActor):
     def _send_reading(self, request_id: str, reply_to: Any) -> None:
         """torch's device-wide reading of Mai's GPU, for the sampler while NVML fails (N3); or why there is none."""
         try:
-            if self.adapter is None:
-                raise NotRunning(self.failure or "the CLIP model is still being created")
+            cuda = self._cuda()
             index = self._gpu()
-            free, total, name = self.adapter.cuda_memory(index)
+            free, total, name = cuda.cuda_memory(index)
         except MaiError as err:
             self.send(reply_to, CudaMemory(request_id, None, str(err)))
             return

@@ -190,7 +190,7 @@ def status_text(data: dict) -> str:
         if vram:
             from messages.resources import SOURCE_TEXT
 
-            what = vram["device_name"] if vram["gpu_present"] else "no GPU, host memory"
+            what = vram["device_name"] if vram["gpu_present"] else "no GPU"
             source = SOURCE_TEXT.get(vram["source"], vram["source"])
             lines.append(f"vram       {_bar(vram['used_bytes'], vram['total_bytes'])} {_mib(vram['used_bytes'])} used / "
                          f"{_mib(vram['total_bytes'])} ({what}, via {source}); reserve {_mib(gpu['reserve_bytes'])}")

@@ -246,3 +246,28 @@ def test_clip_process_sets_pci_bus_order_before_cuda_starts(monkeypatch: pytest.
 
     assert os.environ["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
     assert ReadCudaMemory("x").request_id == "x"
+
+
+def test_a_clip_without_weights_still_reads_cuda_for_the_sampler(monkeypatch: pytest.MonkeyPatch,
+                                                                  tiny: OpenClipAdapter) -> None:
+    """CLIP's weights failed to load (offline, corrupt checkpoint) while NVML is missing: whether CUDA works has
+    nothing to do with the weights, so the VRAM reading still comes from torch in the CLIP process (seen as
+    "CUDA: CLIP model ... unavailable" in `mai status` before)."""
+    sim = SimulatedNvml([SLOW, FAST], cuda_order=[1, 0], library_missing=True).install(monkeypatch)
+    sim.install_cuda(monkeypatch)
+    clock, bus, sampler, mover = _wire(monkeypatch, sim, tiny, device=0)
+    mover.adapter, mover.failure = None, "CLIP model 'ViT-B-32' unavailable: LocalEntryNotFoundError: offline"
+    _boot(sampler, sampler.config)
+    snap = sampler.core.last
+    assert (snap.source, snap.gpu_present, snap.device_uuid) == ("torch", True, SLOW.uuid)
+    assert "LocalEntryNotFoundError" not in (sampler.degraded_reason or "")
+
+
+def test_a_clip_without_weights_names_cudas_own_cause(monkeypatch: pytest.MonkeyPatch, tiny: OpenClipAdapter) -> None:
+    sim = SimulatedNvml([SLOW], library_missing=True).install(monkeypatch)  # this CPU-only torch: no CUDA
+    clock, bus, sampler, mover = _wire(monkeypatch, sim, tiny)
+    mover.adapter, mover.failure = None, "CLIP model 'ViT-B-32' unavailable: LocalEntryNotFoundError: offline"
+    _boot(sampler, sampler.config)
+    assert sampler.core.last.source == "psutil"
+    assert "LocalEntryNotFoundError" not in sampler.degraded_reason
+    assert "torch" in sampler.degraded_reason.split("CUDA: ", 1)[1]
