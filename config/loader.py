@@ -245,5 +245,5 @@ def load_config(
         checker.links(sections, catalog[1], layers.source_of)
     if checker.problems or layers.problems:
         raise ConfigError(layers.problems + checker.problems)
-    models, roles = catalog
-    return assemble(sections, models, roles, catalog_path, layers.applied)
+    models, roles, turns = catalog
+    return assemble(sections, models, roles, catalog_path, layers.applied, turns)

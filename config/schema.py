@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 from config.ollama_names import ACCEPTED as ACCEPTED_OLLAMA_NAME
 from config.ollama_names import parse_ollama_name
 from messages.errors import MaiError, Reason
+from messages.conversation import TurnKind
 
 Parts = tuple[object, ...]  # a path into a raw tree: ("gpu", "reserve_mb") or ("models", 2, "backend")
 SourceOf = Callable[[Parts], str]
@@ -362,6 +363,47 @@ class Capabilities:
 
 
 @dataclass(frozen=True)
+class TurnNeed:
+    """What one kind of turn requires of the model that answers it: a minimum tier (a preference: the best model
+    that can run answers when none reaching it can) and capabilities (hard: never a model without them)."""
+
+    min_tier: int = 0
+    capabilities: tuple[str, ...] = ()
+
+
+_TIER_RULE = re.compile(r"tier\s*>=\s*(\d+)")
+_CAPABILITY_RULE = re.compile(r"capability\s+(\S+)")
+
+
+@dataclass(frozen=True)
+class NeedRule:
+    """`tier >= 2`, `capability vision`, or a list of such: the catalog's `turns.needs.<kind>`."""
+
+    @property
+    def accepted(self) -> str:
+        return ("'tier >= N' (N an integer >= 0), 'capability C' (C one of "
+                + ", ".join(Capabilities().choices) + "), or a list of them")
+
+    def check(self, value: object) -> TurnNeed:
+        items = value if isinstance(value, list) and value else [value]
+        min_tier, capabilities = 0, []
+        for item in items:
+            text = item.strip().lower() if isinstance(item, str) else None
+            tier = _TIER_RULE.fullmatch(text) if text is not None else None
+            capability = _CAPABILITY_RULE.fullmatch(text) if text is not None else None
+            if tier is not None:
+                min_tier = max(min_tier, int(tier.group(1)))
+            elif capability is not None and capability.group(1) in Capabilities().choices:
+                if capability.group(1) not in capabilities:
+                    capabilities.append(capability.group(1))
+            elif capability is not None:
+                raise Rejected(_closest(capability.group(1), Capabilities().choices))
+            else:
+                raise Rejected()
+        return TurnNeed(min_tier, tuple(capabilities))
+
+
+@dataclass(frozen=True)
 class Optional:
     inner: Any
 
@@ -645,6 +687,21 @@ class ModelSpec:
                 yield "key", ACCEPTED_OLLAMA_NAME + " (the backend is ollama)"
 
 
+TURN_KINDS = tuple(kind.value for kind in TurnKind)
+
+
+@dataclass(frozen=True)
+class TurnRules:
+    """The catalog's `turns:` what each kind of turn needs of a model (mai.core.turn_needs detects the kinds).
+    Absent from a catalog: no kind needs more than chat, and a message is long from `long_at_tokens`."""
+
+    long_at_tokens: int = 2000
+    needs: FrozenMap = FrozenMap()  # TurnKind value -> TurnNeed; checked by Checker._turns
+
+    def need(self, kind: str) -> TurnNeed:
+        return self.needs.get(kind, TurnNeed())
+
+
 SECTIONS: dict[str, type] = {
     "system": SystemConfig,
     "gpu": GpuConfig,
@@ -655,7 +712,7 @@ SECTIONS: dict[str, type] = {
     "logging": LoggingConfig,
     "chat": ChatConfig,
 }
-CATALOG_KEYS = ("models", "roles")
+CATALOG_KEYS = ("models", "roles", "turns")
 
 
 @dataclass(frozen=True)
@@ -672,6 +729,7 @@ class MaiConfig:
     chat: ChatConfig
     models: tuple[ModelSpec, ...]
     roles: FrozenMap  # role -> tuple of model keys, best first
+    turns: TurnRules = TurnRules()
     sources: tuple[str, ...] = ()
 
     def model(self, key: str) -> ModelSpec:
@@ -685,6 +743,8 @@ class MaiConfig:
         plain = {name: to_plain(getattr(self, name)) for name in SECTIONS}
         plain["models"] = [to_plain(spec) for spec in self.models]
         plain["roles"] = {role: list(keys) for role, keys in self.roles.items()}
+        plain["turns"] = {"long_at_tokens": self.turns.long_at_tokens,
+                          "needs": {kind: to_plain(need) for kind, need in self.turns.needs.items()}}
         plain["sources"] = list(self.sources)
         return plain
 
@@ -845,8 +905,8 @@ class Checker:
 
     # catalog: models.yaml or system.models_file
 
-    def catalog(self, tree: object, source: str) -> tuple[tuple[ModelSpec, ...], FrozenMap] | None:
-        """The catalog's models and roles, or None if anything in it failed."""
+    def catalog(self, tree: object, source: str) -> tuple[tuple[ModelSpec, ...], FrozenMap, TurnRules] | None:
+        """The catalog's models, roles and turn rules, or None if anything in it failed."""
         def source_of(parts: Parts) -> str:  # a catalog is one file: one source for all of it
             return source
 
@@ -880,9 +940,45 @@ class Checker:
                 if spec is not None:
                     models.append(spec)
         roles = self._roles(tree, known_keys, source)
-        if len(self.problems) != before or roles is None:
+        turns = self._turns(tree, source)
+        if len(self.problems) != before or roles is None or turns is None:
             return None
-        return tuple(models), roles
+        return tuple(models), roles, turns
+
+    def _turns(self, tree: Mapping[object, object], source: str) -> TurnRules | None:
+        """`turns: {long_at_tokens: N, needs: {code: tier >= 2, image: capability vision, ...}}`, optional."""
+        if "turns" not in tree or tree["turns"] is None:
+            return TurnRules()
+        raw = tree["turns"]
+        if not isinstance(raw, Mapping):
+            self.add(("turns",), raw, "a mapping with long_at_tokens and needs", source)
+            return None
+        before = len(self.problems)
+        self._unknown_keys(raw, ("turns",), ["long_at_tokens", "needs"], lambda parts: source)
+        long_at = TurnRules.long_at_tokens
+        if "long_at_tokens" in raw:
+            rule = Integer(1)
+            try:
+                long_at = rule.check(raw["long_at_tokens"])
+            except Rejected:
+                self.add(("turns", "long_at_tokens"), raw["long_at_tokens"], rule.accepted, source)
+        needs: dict[str, TurnNeed] = {}
+        raw_needs = raw.get("needs") or {}
+        if not isinstance(raw_needs, Mapping):
+            self.add(("turns", "needs"), raw_needs, "a mapping from a kind of turn (" + ", ".join(TURN_KINDS)
+                     + ") to what it needs", source)
+            raw_needs = {}
+        for kind, value in raw_needs.items():
+            where: Parts = ("turns", "needs", kind)
+            if kind not in TURN_KINDS:
+                self.add(where, value, "a kind of turn: one of " + ", ".join(TURN_KINDS), source,
+                         suggestion=_closest(kind, TURN_KINDS), kind="unknown_key")
+                continue
+            try:
+                needs[kind] = NeedRule().check(value)
+            except Rejected as rejected:
+                self.add(where, value, NeedRule().accepted, source, suggestion=rejected.suggestion)
+        return TurnRules(long_at, FrozenMap(needs)) if len(self.problems) == before else None
 
     def _roles(self, tree: Mapping[object, object], known_keys: Mapping[str, int], source: str) -> FrozenMap | None:
         raw_roles = tree.get("roles")
@@ -955,6 +1051,7 @@ def assemble(
     roles: FrozenMap,
     catalog_path: Path,
     sources: Iterable[str],
+    turns: TurnRules | None = None,
 ) -> MaiConfig:
     """The final tree from checked parts: state-dir-relative paths resolved, null defaults made concrete."""
     system, gpu, logging_, chat = sections["system"], sections["gpu"], sections["logging"], sections["chat"]
@@ -970,5 +1067,6 @@ def assemble(
         chat=dataclasses.replace(chat, history_db=state_dir / chat.history_db),
         models=models,
         roles=roles,
+        turns=turns if turns is not None else TurnRules(),
         sources=tuple(sources),
     )

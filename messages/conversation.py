@@ -4,9 +4,21 @@ and the chat GPU gate (a chat model load or unload is a step granted by the coor
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
 from messages.base import check_instance, check_int, check_number, check_text, invalid
 from messages.chat import FragmentKind
+
+
+class TurnKind(str, Enum):
+    """What a turn asks of a model beyond plain chat (mai.core.turn_needs detects them; the catalog's `turns.needs`
+    says what each requires of a model)."""
+
+    CODE = "code"
+    REASONING = "reasoning"  # a request for long, step-by-step reasoning
+    LONG = "long"  # the message itself takes at least `turns.long_at_tokens`
+    IMAGE = "image"
+    TOOL = "tool"
 
 
 @dataclass(frozen=True)
@@ -107,6 +119,7 @@ class ModelRow:
     current: bool
     pinned: bool
     why_not: str  # empty when selectable now
+    preloaded: bool = False  # loaded by `mai preload` / Mai.preload_model (it still yields when the VRAM is wanted)
 
 
 @dataclass(frozen=True)
@@ -135,6 +148,59 @@ class ModelPinned:
     request_id: str
     model: str | None
     current: str | None
+
+
+@dataclass(frozen=True)
+class PreloadModel:
+    """Load `model` now, through the GPU gate as a turn would, so the next turn finds it ready. Answered by
+    ModelPreloaded, or a Failure (INSUFFICIENT_VRAM saying the bytes needed, free, and what would have to yield)."""
+
+    request_id: str
+    model: str
+    timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        check_text(self, "request_id")
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise invalid("PreloadModel", "model", self.model, "a model key from `mai models`")
+        check_number(self, "timeout_s", minimum=0.001)
+
+
+@dataclass(frozen=True)
+class ModelPreloaded:
+    """The model is loaded (`load_s` 0 and `already_loaded` True: it was the current model already)."""
+
+    request_id: str
+    model: str
+    previous: str | None
+    load_s: float
+    already_loaded: bool = False
+
+
+@dataclass(frozen=True)
+class SelectModel:
+    """Which chat model would answer `text` now, and why (nothing is loaded): `Mai.select_best_model`."""
+
+    request_id: str
+    text: str
+
+    def __post_init__(self) -> None:
+        check_text(self, "request_id")
+        check_text(self, "text", allow_empty=True, max_len=200_000)
+
+
+@dataclass(frozen=True)
+class ModelSelection:
+    """The answer to SelectModel. `model` None: no chat model could answer (`reason` says why). `kinds`: what the
+    turn was found to need (TurnKind values); `load_needed`: answering would first load `model`."""
+
+    request_id: str
+    model: str | None
+    reason: str
+    kinds: tuple[str, ...]
+    message_tokens: int
+    load_needed: bool
+    rejected: tuple[tuple[str, str], ...] = ()
 
 
 # --- the chat GPU gate (conversation agent ↔ coordinator) ------------------------------------------------------

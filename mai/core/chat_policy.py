@@ -7,12 +7,21 @@ reads the clock or touches a backend: `now` always comes in, so tests drive it w
 The rules, in the order they apply:
 - A model is *usable* when its backend is reachable, it is installed (when that is known), it is not cooling down
   after failures and its footprint fits the grantable VRAM.
-- Among usable models the rank is: not known to be too slow, higher tier, fewer recent failures, faster learned
+- A turn's needs (`TurnNeeds`, from mai.core.turn_needs; none given: every usable model meets them) narrow the
+  usable models, in this order: (a) a model without a capability the turn needs never answers it; (b) when some
+  of the rest holds the conversation in its window without summarising, only those; when none does, only those
+  that keep the most of it; (c) when some of the rest reach the turn's minimum tier, only those (a tier is a
+  preference: the best that can run answers a turn no model of that tier can take). A usable model that passes
+  all three is *adequate*.
+- Among adequate models the rank is: not known to be too slow, higher tier, fewer recent failures, faster learned
   speed (a measured model ahead of an unmeasured one), then chain order.
-- A model pinned by `mai switch` wins while it is usable.
-- Switching *down* (the current model no longer fits, failed, or is too slow) happens at once, to the best usable.
-- Switching *up* while the current model is still usable waits for hysteresis: the current model has been in use
-  for `hysteresis_s`, and the better one has been usable in every reading for the last `hysteresis_s`. So
+- A model pinned by `mai switch` wins while it is usable and has the turn's capabilities.
+- Switching *down* (the current model no longer fits, failed, is too slow, or is not adequate for this turn)
+  happens at once, to the best adequate model.
+- A simple turn (a greeting: no kind of need) stays on the current model while it is adequate: a switch costs a
+  load (`record_load` learns how long one takes; the reason says it).
+- Switching *up* while the current model is still adequate waits for hysteresis: the current model has been in
+  use for `hysteresis_s`, and the better one has been usable in every reading for the last `hysteresis_s`. So
   readings that flap between two values cannot make the model flap.
 - Failures: retry the same model with exponential backoff up to `max_retries`, then it cools down (`cooldown_s`,
   doubling on each cool-down without a success in between, up to 10x) and the agent moves on down the chain.
@@ -21,6 +30,7 @@ The rules, in the order they apply:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
@@ -30,6 +40,7 @@ from messages.errors import InvalidRequest, Reason
 
 if TYPE_CHECKING:
     from config.schema import ModelSpec
+    from mai.core.turn_needs import TurnNeeds
 
 GiB = 1024**3
 MiB = 1024**2
@@ -49,6 +60,7 @@ class Candidate:
     tier: int
     context_window: int
     footprint_bytes: int
+    capabilities: frozenset[str] = frozenset({"chat"})
 
     def __post_init__(self) -> None:
         check_text(self, "key")
@@ -56,6 +68,7 @@ class Candidate:
         check_int(self, "tier")
         check_int(self, "context_window", minimum=1)
         check_int(self, "footprint_bytes")
+        object.__setattr__(self, "capabilities", frozenset(self.capabilities))
 
     @classmethod
     def from_spec(cls, spec: ModelSpec, footprint_bytes: int | None = None) -> Candidate:
@@ -66,6 +79,7 @@ class Candidate:
             tier=spec.tier,
             context_window=spec.context_window,
             footprint_bytes=spec.footprint_mb * MiB if footprint_bytes is None else footprint_bytes,
+            capabilities=frozenset(spec.capabilities),
         )
 
 
@@ -154,6 +168,7 @@ class ChatPolicy:
         self._failure_times: dict[str, list[float]] = {}
         self._speed: dict[str, tuple[float, float]] = {}  # key -> (tokens/s, measured at)
         self._usable_since: dict[str, float] = {}  # key -> first reading of its current run of usable readings
+        self._load_s: dict[str, float] = {}  # key -> how long its last load took (a switch's cost)
         self._in_use: tuple[str, float] | None = None  # the model in use, since when
 
     # -- the chain ------------------------------------------------------------------------------------------
@@ -171,8 +186,13 @@ class ChatPolicy:
     def learn_footprint(self, key: str, footprint_bytes: int) -> None:
         """A measured footprint replaces the declared one (the loader measured VRAM before and after)."""
         old = self.candidate(key)
-        new = Candidate(old.key, old.backend, old.tier, old.context_window, footprint_bytes)
-        self._chain[self._chain.index(old)] = new
+        self._chain[self._chain.index(old)] = dataclasses.replace(old, footprint_bytes=footprint_bytes)
+
+    def record_load(self, key: str, load_s: float) -> None:
+        """A load of `key` took `load_s`: what switching to it costs, said in the reasons of later switches."""
+        self.candidate(key)
+        if math.isfinite(load_s) and load_s >= 0:
+            self._load_s[key] = float(load_s)
 
     # -- decisions ------------------------------------------------------------------------------------------
 
@@ -183,24 +203,36 @@ class ChatPolicy:
         now: float,
         current: str | None = None,
         pinned: str | None = None,
+        needs: TurnNeeds | None = None,
+        dry_run: bool = False,
     ) -> Choice:
         """The model to use now. `grantable_bytes`: VRAM the gate could give a chat model, counting what the
-        current chat model already holds (None: no GPU limit known, everything fits)."""
+        current chat model already holds (None: no GPU limit known, everything fits). `needs`: the turn's (None:
+        no turn, as between turns). `dry_run`: a question (`select_best_model`), not a decision acted on."""
         blockers = {c.key: self._blockers(c, grantable_bytes, availability, now) for c in self._chain}
         for key, why in blockers.items():
             if why:
                 self._usable_since.pop(key, None)
             else:
                 self._usable_since.setdefault(key, now)
+        in_use_before = self._in_use
         if current is not None and (self._in_use is None or self._in_use[0] != current):
             self._in_use = (current, now)  # the caller runs a model we did not pick (or we just started)
 
-        usable = sorted((c for c in self._chain if not blockers[c.key]), key=lambda c: self._rank(c, now))
-        key, reason, held_by = self._decide(usable, blockers, now, current, pinned)
+        hard, adequacy, note = self._needs_blockers(blockers, needs)
+        usable = sorted((c for c in self._chain if not adequacy[c.key]), key=lambda c: self._rank(c, now))
+        key, reason, held_by, simple_hold = self._decide(usable, hard, adequacy, now, current, pinned, needs)
         rejected = tuple(
-            (c.key, self._why_not(c, key, blockers, usable, held_by, pinned, now)) for c in self._chain if c.key != key
+            (c.key, self._why_not(c, key, adequacy, usable, held_by, simple_hold, pinned, now))
+            for c in self._chain if c.key != key
         )
-        if key is not None and (self._in_use is None or self._in_use[0] != key):
+        if needs is not None and key is not None and current is not None and key != current:
+            reason += "; " + self._load_cost(key)
+        if note:
+            reason += f"; {note}"
+        if dry_run:
+            self._in_use = in_use_before
+        elif key is not None and (self._in_use is None or self._in_use[0] != key):
             self._in_use = (key, now)
         return Choice(key, reason, rejected)
 
@@ -250,6 +282,54 @@ class ChatPolicy:
 
     # -- internals ------------------------------------------------------------------------------------------
 
+    def _needs_blockers(
+        self, blockers: dict[str, list[str]], needs: TurnNeeds | None
+    ) -> tuple[dict[str, list[str]], dict[str, list[str]], str]:
+        """(hard, adequacy, note): `hard` adds the capabilities the turn needs to the resource blockers (a pin
+        answers to these); `adequacy` adds rules (b) and (c) of the module docstring; `note` says when no usable
+        model reaches the tier asked for."""
+        hard = {key: list(why) for key, why in blockers.items()}
+        if needs is None:
+            return hard, hard, ""
+        cands = {c.key: c for c in self._chain}
+        for key, c in cands.items():
+            missing = sorted(needs.capabilities - c.capabilities)
+            if missing:
+                hard[key].append(f"lacks {', '.join(missing)} ({needs.describe()})")
+        adequacy = {key: list(why) for key, why in hard.items()}
+        left = [key for key in cands if not adequacy[key]]
+        judged = [key for key in left if key in needs.windows]
+        holding = [key for key in judged if needs.windows[key].holds]
+        if holding:
+            for key in judged:
+                if key not in holding:
+                    fit = needs.windows[key]
+                    adequacy[key].append(f"its {cands[key].context_window:,}-token window would summarise the "
+                                         f"conversation ({fit.total_tokens:,} tokens); another holds it whole")
+        elif judged:
+            most = max(needs.windows[key].kept_tokens for key in judged)
+            for key in judged:
+                fit = needs.windows[key]
+                if fit.kept_tokens < most:
+                    adequacy[key].append(f"keeps less of the conversation ({fit.kept_tokens:,} of "
+                                         f"{fit.total_tokens:,} tokens; another keeps {most:,})")
+        left = [key for key in cands if not adequacy[key]]
+        note = ""
+        if needs.min_tier and left:
+            if any(cands[key].tier >= needs.min_tier for key in left):
+                for key in left:
+                    if cands[key].tier < needs.min_tier:
+                        adequacy[key].append(f"tier {cands[key].tier} < {needs.min_tier} asked for "
+                                             f"{needs.describe()}")
+            else:
+                note = f"no model of tier >= {needs.min_tier} can answer now ({needs.describe()}): the best that can"
+        return hard, adequacy, note
+
+    def _load_cost(self, key: str) -> str:
+        measured = self._load_s.get(key)
+        return (f"the switch costs a load of {key} (~{measured:.1f} s last time)" if measured is not None
+                else f"the switch costs a load of {key}")
+
     def _blockers(
         self, c: Candidate, grantable_bytes: int | None, availability: Availability, now: float
     ) -> list[str]:
@@ -292,40 +372,50 @@ class ChatPolicy:
     def _decide(
         self,
         usable: list[Candidate],
-        blockers: dict[str, list[str]],
+        hard: dict[str, list[str]],
+        adequacy: dict[str, list[str]],
         now: float,
         current: str | None,
         pinned: str | None,
-    ) -> tuple[str | None, str, str | None]:
-        """(key, reason, the current model when hysteresis is what keeps it)."""
+        needs: TurnNeeds | None,
+    ) -> tuple[str | None, str, str | None, bool]:
+        """(key, reason, the current model when hysteresis or a simple turn is what keeps it, a simple turn's
+        hold). `usable`: the adequate models, best first."""
         pinned_note = ""
         if pinned is not None:
-            pinned_why = self._unusable_reason(pinned, blockers)
+            pinned_why = self._unusable_reason(pinned, hard)
             if pinned_why is None:
-                return pinned, "pinned by mai switch", None
+                return pinned, "pinned by mai switch", None, False
             pinned_note = f"pinned {pinned} is not usable ({pinned_why}); "
         if not usable:
-            return None, pinned_note + "no chat model is usable", None
+            return None, pinned_note + "no chat model is usable" + self._for_turn(needs), None, False
         best = usable[0]
-        current_why = self._unusable_reason(current, blockers) if current is not None else None
+        current_why = self._unusable_reason(current, adequacy) if current is not None else None
         if current is None:
-            return best.key, pinned_note + f"best usable model (tier {best.tier})", None
+            return best.key, pinned_note + f"best usable model (tier {best.tier})" + self._for_turn(needs), None, False
         if current_why is None and self._slow_now(current, now):
             current_why = f"too slow ({self._speed[current][0]:.1f} tokens/s, minimum {self._min_tokens_per_s:g})"
         if current_why is not None:
             if best.key == current:  # too slow, yet nothing else is usable
-                return current, pinned_note + f"{current} is {current_why}, but nothing else is usable", None
-            return best.key, pinned_note + f"switched from {current}: {current_why}", None
+                return current, pinned_note + f"{current} is {current_why}, but nothing else is usable", None, False
+            return best.key, pinned_note + f"switched from {current}: {current_why}", None, False
         if best.key == current:
-            return current, pinned_note + "current model is still the best usable", None
+            return current, pinned_note + "current model is still the best usable" + self._for_turn(needs), None, False
+        if needs is not None and needs.simple:
+            return current, pinned_note + f"a simple turn stays on {current}: it is adequate and " \
+                + self._load_cost(best.key).replace("the switch", "a switch"), current, True
         better = usable[: [c.key for c in usable].index(current)]
         held_s = now - self._in_use[1] if self._in_use is not None and self._in_use[0] == current else 0.0
         if held_s >= self._hysteresis_s:
             for c in better:
                 stable_s = now - self._usable_since[c.key]
                 if stable_s >= self._hysteresis_s:
-                    return c.key, pinned_note + f"upgrade from {current}: usable for {stable_s:.0f} s", None
-        return current, pinned_note + f"keeping {current}: a better model waits for hysteresis", current
+                    return c.key, pinned_note + f"upgrade from {current}: usable for {stable_s:.0f} s", None, False
+        return current, pinned_note + f"keeping {current}: a better model waits for hysteresis", current, False
+
+    @staticmethod
+    def _for_turn(needs: TurnNeeds | None) -> str:
+        return "" if needs is None else f" for a {needs.describe()} turn" if needs.simple else f" for {needs.describe()}"
 
     def _unusable_reason(self, key: str, blockers: dict[str, list[str]]) -> str | None:
         if key not in blockers:
@@ -339,6 +429,7 @@ class ChatPolicy:
         blockers: dict[str, list[str]],
         usable: list[Candidate],
         held_by: str | None,
+        simple_hold: bool,
         pinned: str | None,
         now: float,
     ) -> str:
@@ -348,6 +439,8 @@ class ChatPolicy:
             return f"{pinned} is pinned by mai switch"
         order = [u.key for u in usable]
         if chosen in order and order.index(c.key) < order.index(chosen):
+            if simple_hold:
+                return f"better, but a simple turn stays on {held_by} (a switch costs a load)"
             if held_by is not None and self._in_use is not None and now - self._in_use[1] < self._hysteresis_s:
                 held_s = now - self._in_use[1]
                 return f"better, but {held_by} has been in use only {held_s:.0f} s of {self._hysteresis_s:g} s"

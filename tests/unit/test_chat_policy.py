@@ -46,7 +46,7 @@ def gib(x: float) -> int:
 def test_candidates_come_from_the_catalog_with_declared_footprints() -> None:
     chain = default_chain()
     assert [c.key for c in chain] == [BIG, MID, LLAMA, TINY]
-    assert chain[0] == Candidate(BIG, "lmstudio", 3, 32768, 5600 * MiB)
+    assert chain[0] == Candidate(BIG, "lmstudio", 3, 32768, 5600 * MiB, frozenset({"chat", "tools"}))
     cfg = load_config(env={})
     assert Candidate.from_spec(cfg.model(TINY), footprint_bytes=700 * MiB).footprint_bytes == 700 * MiB
 
