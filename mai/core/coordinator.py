@@ -395,6 +395,7 @@ class Coordinator:
         self._clip_model = ""
         self._clip_ready = False
         self._snapshot: VramSnapshot | None = None
+        self._vlm_gone_guessed = False  # the VLM was taken as gone on a reading while Ollama was down (hole 5)
         self._gpu_snapshot: VramSnapshot | None = None  # the last GPU reading (kept while NVML fails: host readings)
         self._allocs: list[tuple[float, float, int]] = []  # (sent_at, completed_at, bytes) not in the last reading
         self._unconfirmed: _Unconfirmed | None = None
@@ -656,6 +657,12 @@ class Coordinator:
         self._set_health(msg.part, None if msg.ok else (msg.reason or f"{msg.part} unhealthy"), now, fx)
         if msg.part == "vlm" and not msg.ok and self._snapshot is not None:
             self._check_vlm_gone(self._snapshot, now, fx)  # the reading may have shown its bytes back already
+        elif msg.part == "vlm" and msg.ok and self._vlm_gone_guessed:
+            # "Gone" was a guess from a reading (another program may have freed those bytes, the runner may have
+            # survived): the loader reports only what changed in its own view, so ask it what Ollama holds now.
+            self._vlm_gone_guessed = False
+            fx.append(Log("vlm.reobserve", {"reason": "server_back_after_gone_guess"}))
+            fx.append(ReobserveVlm())
 
     def _on_resource_changed(self, msg: ResourceChanged, sender: object, now: float, fx: list[Effect]) -> None:
         self._take_reading(msg.snapshot, fx)
@@ -1501,10 +1508,17 @@ class Coordinator:
     def _apply_snapshot(self, snapshot: VramSnapshot) -> None:
         if self._snapshot is not None and snapshot.taken_at < self._snapshot.taken_at:
             return  # an older reading that arrived late
+        back_from_host = self._snapshot is not None and not self._snapshot.gpu_present
         self._snapshot = snapshot
         self._fresh_snapshot = True
         if snapshot.gpu_present:
             self._gpu_snapshot = snapshot
+            if back_from_host and self._unconfirmed is not None:
+                # The first GPU reading after an outage: whatever changed meanwhile (a chat model unloaded, another
+                # program quit) may be in it, so it is the baseline if higher. High errs safe: the confirmation may
+                # end incomplete at its timeout, never pass on bytes something else gave back.
+                u = self._unconfirmed
+                u.baseline_free_bytes = max(u.baseline_free_bytes, snapshot.free_bytes)
         elif self._gpu_snapshot is None:
             self._unconfirmed = None  # no GPU ever read: nothing to confirm (NVML failing keeps them, see above)
         self._allocs = [a for a in self._allocs if a[1] > snapshot.taken_at]
@@ -1536,6 +1550,7 @@ class Coordinator:
             return
         self._vlm_state, self._vlm_size_bytes, self._vlm_size_vram_bytes = "unloaded", 0, 0
         self._vlm_low_free = None
+        self._vlm_gone_guessed = True
         self._last_change_at = self._last_used_at = now
         fx.append(Log("vlm.gone", {"model": self.settings.vlm_model, "reason": "server_gone_memory_back",
                                    "back_bytes": back, "held_bytes": held, "health": self._health["vlm"]}))

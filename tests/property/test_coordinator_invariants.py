@@ -48,6 +48,8 @@ from messages.steps import (
     MoveClip,
     PartHealth,
     UnloadVlm,
+    VlmLoaded,
+    VlmObserved,
     VlmUnloaded,
     VramReading,
     VramRecovered,
@@ -150,6 +152,12 @@ class GateMachine(RuleBasedStateMachine):
         self.pending_free_vlm = False
         self.must_confirm_next = False
         self.ollama_up = True
+        # The core took the VLM as gone on a reading while Ollama was down (issue 12 hole 5: "a VLM whose server is
+        # gone and whose memory has come back is not loaded"). Without per-process readings that is a guess: here
+        # another program (or a chat model) may have freed those bytes while Ollama's runner kept the VLM. Until the
+        # loader reports again, the core's VLM state may differ from the world's; the core asks it as soon as Ollama
+        # answers (ReobserveVlm), and every allocation is still fitted against the readings (the ledger check).
+        self.vlm_guessed_gone = False
         self.checked_allocs = 0
         self.gpu_at_send: dict[str, bool] = {}
         self.chat_answers: dict[str, Any] = {}  # the chat agent's request id -> the coordinator's answer
@@ -205,6 +213,8 @@ class GateMachine(RuleBasedStateMachine):
             self._on_log(world, item)
 
     def _on_delivery(self, world: SimWorld, msg: Any) -> None:
+        if isinstance(msg, (VlmObserved, VlmLoaded, VlmUnloaded)):
+            self.vlm_guessed_gone = False
         if isinstance(msg, VramRecovered):
             self.pending_free_at, self.pending_free_vlm = None, False
             if msg.complete and self.must_confirm_after is not None:
@@ -272,6 +282,8 @@ class GateMachine(RuleBasedStateMachine):
             assert not self.held, f"unload while leases {sorted(self.held)} are held"
 
     def _on_log(self, world: SimWorld, log: Log) -> None:
+        if log.event == "vlm.gone":
+            self.vlm_guessed_gone = True
         if log.event in ("lease.expired", "lease.revoked"):
             granted = self.held.pop(log.fields["lease_id"], None)
             assert granted is not None, f"{log.event} for a lease not held: {log.fields}"
@@ -388,8 +400,9 @@ class GateMachine(RuleBasedStateMachine):
             # Invariant 1: entering AUTOPILOT unloads the VLM (unless it is in use on demand, or in its grace).
             on_demand = self.held or self._outstanding(AcquireLease) or self._outstanding(EnsureVlm, loaded=True)
             in_grace = policy.vlm_grace_s is not None and self.demand_ended_at >= self.target_set_at
+            guessed = self.vlm_guessed_gone and not self.ollama_up  # see vlm_guessed_gone
             if policy.vlm == "unloaded" and not on_demand and not in_grace:
-                assert world.vlm.state == "unloaded", f"entered {event.mode} with the VLM {world.vlm.state}"
+                assert world.vlm.state == "unloaded" or guessed, f"entered {event.mode} with the VLM {world.vlm.state}"
                 # Invariant 2: ...and CLIP is on the GPU when there is one (the mode is reached only if it fits).
                 if policy.clip == "gpu" and world.gpu_usable and self.pin != "cpu":
                     assert world.clip.placement == "gpu", f"entered {event.mode} with CLIP on {world.clip.placement}"
@@ -503,7 +516,7 @@ class GateMachine(RuleBasedStateMachine):
         assert status.vlm.footprint_bytes > 0
         open_step = world.step_open
         assert (status.step_in_flight is None) == (open_step is None)
-        if open_step is None:
+        if open_step is None and not (self.vlm_guessed_gone and not self.ollama_up):  # see vlm_guessed_gone
             assert status.vlm.state == world.vlm.state, (status.vlm.state, world.vlm.state)
             assert status.clip.device == ("sim-gpu" if world.clip.placement == "gpu" else "cpu")
         degraded = dict(status.degraded)
@@ -606,7 +619,6 @@ GateMachine.TestCase.settings = settings(
     max_examples=int(os.environ.get("MAI_PROPERTY_EXAMPLES", "150")),
     phases=[Phase.explicit, Phase.generate] if os.environ.get("MAI_PROPERTY_NO_SHRINK") else list(Phase),
     stateful_step_count=40,
-    derandomize=not os.environ.get("MAI_PROPERTY_RANDOM"),
     database=None,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
