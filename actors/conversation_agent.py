@@ -1,8 +1,11 @@
 """ConversationAgent ("Mai"): owns the conversation, the chat model choice and the chat adapters.
 
 A turn is a small state machine driven by messages, so the mailbox stays responsive between token batches:
-persist the user's message → (if needed) ask the coordinator what VRAM it can grant, choose a model, wait for
-the gate's grant, load → stream in batches (a 1 ms wakeup per batch, so a CancelReply can get in between) → persist the reply. Decisions come from `ChatPolicy` and `fit_to_window`; this shell only executes."""
+persist the user's message → read what the turn needs (`estimate_needs`, each model's `window_fits`) and ask the
+coordinator what VRAM it can grant, choose a model, wait for the gate's grant, load → stream in batches (a 1 ms
+wakeup per batch, so a CancelReply can get in between) → persist the reply. A preload (`PreloadModel`) is the grant
+and load without the turn. Decisions come from `ChatPolicy`, `turn_needs` and `fit_to_window`; this shell only
+executes."""
 
 from __future__ import annotations
 
@@ -18,7 +21,8 @@ from thespian.actors import WakeupMessage
 from actors.base import MaiActor
 from bootstrap.paths import under_state_dir
 from mai.core.chat_policy import Availability, Candidate, ChatPolicy
-from mai.core.context import fit_to_window
+from mai.core.context import ContextPlan, fit_to_window
+from mai.core.turn_needs import TurnNeeds, WindowSpec, estimate_needs, window_fits, with_windows
 from mai.core.footprints import FOOTPRINTS_FILE, footprint_key, parse_footprints
 from messages.base import new_request_id
 from messages.chat import ChatMessage, FragmentKind, ReplyFragment
@@ -38,10 +42,14 @@ from messages.conversation import (
     ListModels,
     ModelList,
     ModelPinned,
+    ModelPreloaded,
     ModelRow,
+    ModelSelection,
     NewConversation,
+    PreloadModel,
     ReplyChunk,
     ReplyDone,
+    SelectModel,
     SwitchModel,
     UserTurn,
 )
@@ -74,6 +82,7 @@ class _Turn:
     switches: list[str] = field(default_factory=list)
     restarted: bool = False
     attempts: int = 0
+    needs: TurnNeeds | None = None  # read once per turn, at its first choice
 
     @property
     def deadline(self) -> float:
@@ -93,6 +102,16 @@ class _Recheck:
 RECHECK_GRANT_TIMEOUT_S = 60.0  # a switch between turns waits at most this long for the gate
 
 
+@dataclass
+class _Preload:
+    """A PreloadModel waiting for the gate's grant (the load itself runs in the grant's handler)."""
+
+    request: PreloadModel
+    sender: Any
+    model: Candidate
+    step_id: str
+
+
 class ConversationAgent(MaiActor):
     role = "chat"
 
@@ -110,6 +129,9 @@ class ConversationAgent(MaiActor):
         self.recheck: _Recheck | None = None  # resources changed between turns: is there still room?
         self.recheck_after_turn = False  # they changed during a turn: check once the reply has ended
         self.measured: set[str] = set()  # chat models whose footprint was measured (at their context window)
+        self.preload: _Preload | None = None
+        self.preloaded: str | None = None  # the current model, when a preload (not a turn) loaded it
+        self.selections: dict[str, tuple[SelectModel, Any]] = {}  # SelectModel asks waiting for a Grantable
 
     # --- start and reconcile --------------------------------------------------------------------------------------
     def on_init(self, init: Init) -> None:
@@ -174,6 +196,12 @@ class ConversationAgent(MaiActor):
             return
         if self.current is not None:
             self._tell_coordinator(self._holding(self.current, "reported to a restarted coordinator"))
+        if self.preload is not None:
+            p = self.preload
+            self._tell_coordinator(ChatNeeds(p.step_id, p.model.key, p.model.footprint_bytes,
+                                             timeout_s=p.request.timeout_s, context_length=p.model.context_window))
+        for request_id in self.selections:
+            self._tell_coordinator(GetGrantable(request_id))
         turn = self.turn
         if turn is None:
             return
@@ -210,6 +238,9 @@ class ConversationAgent(MaiActor):
             return
         self.store.append(self.conversation_id, ChatMessage("user", msg.text), model=None, now=time.time())
         self.recheck = None  # the turn chooses on a fresh figure itself (a late grant for the check is refused)
+        if self.preload is not None:  # the turn chooses its own model; a late grant for the preload is refused
+            self._end_preload(Failure(self.preload.request.request_id, Reason.CANCELLED,
+                                      "a turn began before the preload was granted; the turn chooses its model"))
         self.turn = _Turn(msg, sender, time.time())
         self.wakeupAfter(datetime.timedelta(seconds=msg.timeout_s), payload=("deadline", msg.request_id))
         self._choose()
@@ -228,6 +259,9 @@ class ConversationAgent(MaiActor):
         if self.recheck is not None and msg.request_id == self.recheck.request_id:
             self._recheck_with(msg.grantable_bytes, msg.room_bytes)
             return
+        if msg.request_id in self.selections:
+            self._answer_selection(*self.selections.pop(msg.request_id), msg.grantable_bytes)
+            return
         turn = self.turn
         if turn is None or turn.phase != "choose" or msg.request_id != turn.request.request_id:
             return
@@ -236,8 +270,14 @@ class ConversationAgent(MaiActor):
     def _choose_with(self, grantable: int | None) -> None:
         turn = self.turn
         assert turn is not None
-        choice = self.policy.choose(grantable, self.availability, time.time(),
-                                    current=self.current.key if self.current else None, pinned=self.pinned)
+        if turn.needs is None:
+            turn.needs = self._needs(turn.request.text, self.store.messages_for_model(self.conversation_id))
+        current = self.current.key if self.current else None
+        choice = self.policy.choose(grantable, self.availability, time.time(), current=current, pinned=self.pinned,
+                                    needs=turn.needs)
+        self.log.info("chat.choose", model=choice.key or "", previous=current or "", reason=choice.reason,
+                      turn=turn.needs.describe(), load=choice.key is not None and choice.key != current,
+                      grantable=grantable, rejected=dict(choice.rejected))
         if choice.key is None:
             why = "; ".join(f"{key}: {reason}" for key, reason in choice.rejected)
             self._fail_turn(NoModelAvailable(f"no chat model can run now: {choice.reason}" + (f" ({why})" if why else "")))
@@ -248,12 +288,16 @@ class ConversationAgent(MaiActor):
             self._start_stream()
             return
         turn.phase, turn.model, turn.step_id = "grant", candidate, new_request_id()
-        self.log.info("chat.choose", model=candidate.key, reason=choice.reason, grantable=grantable)
         self._tell_coordinator(ChatNeeds(turn.step_id, candidate.key, candidate.footprint_bytes,
                                          timeout_s=max(1.0, turn.deadline - time.time()),
                                          context_length=candidate.context_window))
 
     def receiveMsg_Failure(self, msg: Failure, sender: Any) -> None:
+        if self.preload is not None and msg.request_id == self.preload.step_id:
+            self.log.info("chat.preload_refused", model=self.preload.model.key, reason=msg.reason.value,
+                          error=msg.message)
+            self._end_preload(Failure(self.preload.request.request_id, msg.reason, msg.message, msg.details))
+            return
         if self.recheck is not None and msg.request_id == self.recheck.step_id:
             self.recheck = None  # the gate refused the smaller model too: the next turn chooses again
             self.log.info("chat.switch_refused", model=msg.request_id, reason=msg.message)
@@ -274,21 +318,34 @@ class ConversationAgent(MaiActor):
         if recheck is not None and recheck.model is not None and msg.request_id == recheck.step_id:
             self.recheck = None
             previous = self.current
-            if self._load_granted(msg, sender, recheck.model):
+            if self._load_granted(msg, sender, recheck.model) is None:
                 self._switched(previous, recheck.model, recheck.reason)
+            return
+        preload = self.preload
+        if preload is not None and msg.request_id == preload.step_id:
+            previous, began = self.current, time.monotonic()
+            err = self._load_granted(msg, sender, preload.model)
+            if err is not None:
+                self._end_preload(Failure.from_error(preload.request.request_id, err))
+                return
+            self._switched(previous, preload.model, "preloaded on request")
+            self.preloaded = preload.model.key
+            self._end_preload(ModelPreloaded(preload.request.request_id, preload.model.key,
+                                             previous.key if previous else None, time.monotonic() - began))
             return
         turn = self.turn
         if turn is None or turn.phase != "grant" or msg.request_id != turn.step_id:
             self.send(sender, StepFailed(msg.step_id, Failure(msg.step_id, Reason.CANCELLED, "the turn that asked for this grant is over")))
             return
         previous, candidate = self.current, turn.model
-        if not self._load_granted(msg, sender, candidate):
+        if self._load_granted(msg, sender, candidate) is not None:
             return
         self._switched(previous, candidate, "chosen for the resources available" if previous is None else f"switched from {previous.key}")
         self._start_stream()
 
-    def _load_granted(self, msg: ChatGrant, sender: Any, candidate: Candidate) -> bool:
-        """The gate's grant: unload the model we hold (if another), load `candidate`, answer the step."""
+    def _load_granted(self, msg: ChatGrant, sender: Any, candidate: Candidate) -> MaiError | None:
+        """The gate's grant: unload the model we hold (if another), load `candidate`, answer the step. None when
+        it loaded, else the error (the step is answered failed and the policy told)."""
         previous = self.current
         began = time.monotonic()
         try:
@@ -299,15 +356,18 @@ class ConversationAgent(MaiActor):
         except MaiError as err:
             self.send(sender, StepFailed(msg.step_id, Failure.from_error(msg.step_id, err)))
             self._model_failed(candidate, err)
-            return False
+            return err
         # What the backend reports is no footprint (LM Studio: the file's size; Ollama: no CUDA context): the gate
         # counts at least the footprint it granted, and measures the real one from the VRAM readings around the load.
-        self.send(sender, ChatLoaded(msg.step_id, candidate.key, max(vram, candidate.footprint_bytes),
-                                     time.monotonic() - began))
-        return True
+        load_s = time.monotonic() - began
+        self.policy.record_load(candidate.key, load_s)
+        self.send(sender, ChatLoaded(msg.step_id, candidate.key, max(vram, candidate.footprint_bytes), load_s))
+        return None
 
     def _switched(self, previous: Candidate | None, candidate: Candidate, reason: str) -> None:
         self.current = candidate
+        if self.preloaded != candidate.key:
+            self.preloaded = None
         if previous is not None and previous.key != candidate.key and self.turn is not None:
             self.turn.switches.append(f"{previous.key} → {candidate.key}: {reason}")
         self.log.info("chat.model", model=candidate.key, previous=previous.key if previous else "", reason=reason)
@@ -334,11 +394,7 @@ class ConversationAgent(MaiActor):
         turn = self.turn
         assert turn is not None and turn.model is not None
         candidate = turn.model
-        messages = self.store.messages_for_model(self.conversation_id)
-        c = self.config.chat
-        plan = fit_to_window(messages, candidate.context_window, self.backends.token_counter(candidate),
-                             reserve_for_reply=min(c.max_tokens, candidate.context_window // 4),
-                             compress_at_fraction=c.compress_at_fraction)
+        plan = self._fit(candidate, self.store.messages_for_model(self.conversation_id))
         if plan.dropped or plan.compressed:
             self.log.info("chat.context_trimmed", model=candidate.key, dropped=plan.dropped, tokens=plan.tokens)
         if turn.message_id == 0:
@@ -353,6 +409,25 @@ class ConversationAgent(MaiActor):
         turn.stream_started = turn.last_checkpoint = time.monotonic()
         turn.tokens = 0
         self._pump_later(turn.request.request_id)
+
+    def _fit(self, candidate: Candidate, messages: list[ChatMessage]) -> ContextPlan:
+        """What `candidate` is fed of `messages`; `_window` describes the same call to `window_fits`."""
+        return fit_to_window(messages, candidate.context_window, self.backends.token_counter(candidate),
+                             reserve_for_reply=self._reserve(candidate),
+                             compress_at_fraction=self.config.chat.compress_at_fraction)
+
+    def _reserve(self, candidate: Candidate) -> int:
+        return min(self.config.chat.max_tokens, candidate.context_window // 4)
+
+    def _needs(self, text: str, messages: list[ChatMessage]) -> TurnNeeds:
+        """The turn's needs (`text` counted as the model in use counts, the chain's first when none is) and how each
+        model's window takes `messages` (the conversation with the turn's message last)."""
+        counted_by = self.current or self.policy.chain[0]
+        needs = estimate_needs(text, self.config.turns, self.backends.token_counter(counted_by))
+        specs = [WindowSpec(c.key, c.context_window, self.backends.token_counter(c), self._reserve(c))
+                 for c in self.policy.chain]
+        return with_windows(needs, window_fits(messages, specs,
+                                               compress_at_fraction=self.config.chat.compress_at_fraction))
 
     def _pump_later(self, turn_id: str) -> None:
         # Not self.send: Thespian's TCP transport delivers a message to oneself before reading any socket, so
@@ -456,6 +531,11 @@ class ConversationAgent(MaiActor):
         if kind == "pump":
             self._pump(turn_id)
             return
+        if kind == "preload_deadline":
+            if self.preload is not None and self.preload.request.request_id == turn_id:
+                self._end_preload(Failure.from_error(turn_id, OperationTimeout(
+                    f"the gate did not grant {self.preload.model.key} within {self.preload.request.timeout_s:.0f} s")))
+            return
         turn = self.turn
         if turn is None or turn.request.request_id != turn_id:
             return
@@ -521,7 +601,7 @@ class ConversationAgent(MaiActor):
 
     def _drop_current(self, reason: str) -> None:
         """Unload the current chat model (best effort) and say so: the coordinator counts what chat holds."""
-        previous, self.current = self.current, None
+        previous, self.current, self.preloaded = self.current, None, None
         try:
             self.backends.unload(previous)
         except MaiError as err:
@@ -561,7 +641,8 @@ class ConversationAgent(MaiActor):
                 rows.append(ModelRow(cand.key, cand.backend, cand.tier, cand.context_window, cand.footprint_bytes,
                                      cand.key in self.measured, available, cand.key in loaded,
                                      self.current is not None and self.current.key == cand.key, self.pinned == cand.key,
-                                     "" if cand.key == choice.key else why.get(cand.key, "")))
+                                     "" if cand.key == choice.key else why.get(cand.key, ""),
+                                     preloaded=self.preloaded == cand.key and cand.key in loaded))
             self.send(sender, ModelList(msg.request_id, tuple(rows), self.current.key if self.current else None, self.pinned))
 
         self.guarded(msg.request_id, sender, answer)
@@ -574,3 +655,55 @@ class ConversationAgent(MaiActor):
         self.pinned = msg.model
         self.log.info("chat.pinned", model=msg.model or "", reason="manual switch" if msg.model else "pin cleared")
         self.send(sender, ModelPinned(msg.request_id, msg.model, self.current.key if self.current else None))
+
+    # --- preload and selection ---------------------------------------------------------------------------------------
+    def receiveMsg_PreloadModel(self, msg: PreloadModel, sender: Any) -> None:
+        """Load a model now, through the gate as a turn would (ChatNeeds), so the next turn finds it ready. Once
+        loaded it is the current model: it yields like any idle chat model, and a simple turn stays on it."""
+        known = {c.key for c in self.policy.chain}
+        if msg.model not in known:
+            self.send(sender, Failure.from_error(msg.request_id, InvalidRequest(
+                f"unknown chat model {msg.model!r}; known: {', '.join(c.key for c in self.policy.chain)}")))
+            return
+        if self.turn is not None or self.preload is not None:
+            busy = "a reply is in progress" if self.turn is not None else f"{self.preload.model.key} is being preloaded"
+            self.send(sender, Failure.from_error(msg.request_id, Busy(f"{busy}; preload after it")))
+            return
+        candidate = self.policy.candidate(msg.model)
+        if self.current is not None and self.current.key == candidate.key:
+            self.preloaded = self.preloaded or candidate.key
+            self.log.info("chat.preload", model=candidate.key, reason="already loaded")
+            self.send(sender, ModelPreloaded(msg.request_id, candidate.key, candidate.key, 0.0, already_loaded=True))
+            return
+        self.recheck = None  # a check between turns would ask the gate for another model at the same time
+        self.preload = _Preload(msg, sender, candidate, new_request_id())
+        self.log.info("chat.preload", model=candidate.key, previous=self.current.key if self.current else "",
+                      needed_bytes=candidate.footprint_bytes, reason="requested")
+        self.wakeupAfter(datetime.timedelta(seconds=msg.timeout_s), payload=("preload_deadline", msg.request_id))
+        self._tell_coordinator(ChatNeeds(self.preload.step_id, candidate.key, candidate.footprint_bytes,
+                                         timeout_s=msg.timeout_s, context_length=candidate.context_window))
+
+    def _end_preload(self, answer: Any) -> None:
+        preload, self.preload = self.preload, None
+        if preload is not None:
+            self.send(preload.sender, answer)
+
+    def receiveMsg_SelectModel(self, msg: SelectModel, sender: Any) -> None:
+        """Which model would answer `msg.text` now, and why: the turn's choice on a fresh grantable figure, made
+        as a dry run (nothing is loaded, no hysteresis clock moves)."""
+        self.selections[msg.request_id] = (msg, sender)
+        self._tell_coordinator(GetGrantable(msg.request_id))
+
+    def _answer_selection(self, msg: SelectModel, sender: Any, grantable: int | None) -> None:
+        def answer() -> None:
+            messages = self.store.messages_for_model(self.conversation_id) + [ChatMessage("user", msg.text)]
+            needs = self._needs(msg.text, messages)
+            current = self.current.key if self.current else None
+            choice = self.policy.choose(grantable, self.availability, time.time(), current=current,
+                                        pinned=self.pinned, needs=needs, dry_run=True)
+            self.log.info("chat.select", model=choice.key or "", reason=choice.reason, turn=needs.describe())
+            self.send(sender, ModelSelection(msg.request_id, choice.key, choice.reason,
+                                             tuple(kind.value for kind in needs.kinds), needs.message_tokens,
+                                             choice.key is not None and choice.key != current, choice.rejected))
+
+        self.guarded(msg.request_id, sender, answer)

@@ -22,6 +22,10 @@ examples:
   mai status --json             the same as JSON, for scripts
   mai mode recording --wait     move CLIP to the CPU, load the VLM, return when done
   mai events --follow           print events as they happen
+  mai chat                      talk to Mai in this terminal (the chat model is chosen per turn)
+  mai models                    the chat models: which fits now, which is loaded, preloaded, pinned
+  mai switch qwen2.5-3b-instruct  pin a chat model (`mai switch auto` lets Mai choose again)
+  mai preload qwen2.5-3b-instruct load a chat model now, so the next turn starts without a load
   mai stop                      stop Mai and everything it started
 
 configuration: config/default.yaml, then --config FILE (or MAI_CONFIG), then MAI_SECTION__KEY variables,
@@ -401,6 +405,23 @@ def cmd_switch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_preload(args: argparse.Namespace) -> int:
+    from mai.conversation import Mai
+
+    cfg = _load(args)
+    with Mai(config=cfg) as m:
+        if args.json:
+            done = m.preload_model(args.model, args.timeout)
+        else:
+            done = _with_progress(m.client, lambda: m.preload_model(args.model, args.timeout), f"preload {args.model}")
+    _emit(args, {"model": done.model, "previous": done.previous, "load_s": done.load_s,
+                 "already_loaded": done.already_loaded},
+          f"{done.model} was already loaded: the next turn starts at once" if done.already_loaded else
+          f"{done.model} loaded in {done.load_s:.1f} s" + (f" (in place of {done.previous})" if done.previous else "")
+          + ": the next turn starts without a load; it yields if a mode needs the VRAM")
+    return 0
+
+
 # --- chat ---------------------------------------------------------------------------------------------------------
 def cmd_chat(args: argparse.Namespace) -> int:
     from mai.chat_terminal import run_chat
@@ -444,6 +465,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("events", cmd_events, "print events: mode changes, VRAM changes, idle unloads, degraded parts")
     p.add_argument("--follow", action="store_true", help="keep printing until Ctrl-C")
     p.add_argument("--duration", type=_seconds, default=10.0, help="without --follow: seconds to listen (default 10)")
+    p = add("preload", cmd_preload, "load a chat model now, through the GPU gate, so the next turn starts without "
+            "a load")
+    p.description = (
+        "Load MODEL now, as a turn would (the GPU gate grants it only when it fits), so the next turn finds it "
+        "ready. It becomes the current chat model: a simple turn stays on it, a turn that needs more (long code, "
+        "reasoning, a longer window) may still move to a better model, and it yields like any idle chat model when "
+        "a mode needs its VRAM. A model that does not fit is refused with the bytes needed, what is free and what "
+        "would have to yield.\n\nexamples:\n  mai preload qwen2.5-3b-instruct\n  mai preload llama3.2:3b --json")
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.add_argument("model", help="a chat model key from `mai models`")
+    p.add_argument("--timeout", type=_seconds, default=300.0,
+                   help="seconds to wait for the gate and the load (default 300: a cold load can take minutes)")
     add("chat", cmd_chat, "chat with Mai in this terminal; /help there lists the commands", json_flag=False)
     from mai.demo import add_parser as add_demo_parser  # stdlib-only at import: `mai status` stays fast
 

@@ -285,6 +285,15 @@ class MaiClient:
         reply: ClipPlaced = self._ask("coordinator", PlaceClip(new_request_id(), "cpu", timeout_s), timeout_s + _SLACK_S)
         return reply.device
 
+    # --- chat models ---------------------------------------------------------------------------------------------
+    def preload(self, model: str, timeout_s: float = 300.0) -> Any:
+        """Load chat model `model` now, through the GPU gate, so the next turn finds it ready; returns
+        `ModelPreloaded` (`load_s`, `already_loaded`). Refused (InsufficientVram) when it does not fit, saying the
+        bytes needed, what is free and what would have to yield. It yields like any idle chat model later."""
+        from messages.conversation import PreloadModel
+
+        return self._ask("chat", PreloadModel(new_request_id(), model, timeout_s), timeout_s + _SLACK_S)
+
     # --- status and events -----------------------------------------------------------------------------------
     def get_status(self, timeout_s: float | None = None) -> Status:
         return self._ask("coordinator", GetStatus(new_request_id()), timeout_s or self.config.system.ask_timeout_s)

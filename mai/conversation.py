@@ -7,9 +7,13 @@
     for piece in m.stream_message("why?", thinking=True):  # a reasoning model's thinking too, tagged:
         print(piece.text, end="", flush=True)                # piece.reasoning is True for the thinking
     m.get_conversation_history(); m.get_status(); m.shutdown()
+    m.preload_model("qwen2.5-3b-instruct")         # load a chat model now: the next turn starts without a load
+    m.select_best_model("review this code: ...")   # which model would answer that, and why (nothing is loaded)
+    m.get_current_model_status(); m.get_system_status()
 
-The agent picks and switches the chat model by itself; the history lives in the agent's SQLite store, so it
-survives a crash of the agent or of the whole system."""
+The agent picks and switches the chat model by itself, by the VRAM it can be granted and by what each turn needs
+(mai.core.turn_needs); the history lives in the agent's SQLite store, so it survives a crash of the agent or of
+the whole system. Every call has an `a`-prefixed async form."""
 
 from __future__ import annotations
 
@@ -28,7 +32,10 @@ from messages.conversation import (
     ListModels,
     ModelList,
     ModelPinned,
+    ModelPreloaded,
+    ModelSelection,
     NewConversation,
+    SelectModel,
     ReplyChunk,
     ReplyDone,
     SwitchModel,
@@ -151,7 +158,37 @@ class Mai:
         return self.client._ask("chat", SwitchModel(new_request_id(), model), self.client.config.system.ask_timeout_s)
 
     def get_status(self) -> dict:
+        """The coordinator's status: mode, VRAM reading (`vram`), the reserve, VLM, CLIP, the chat model
+        (`chat_model`, `chat_footprint_bytes`), degraded parts and the plan in progress."""
         return self.client.get_status().to_dict()
+
+    get_system_status = get_status  # the spec's name
+
+    def preload_model(self, model: str, timeout_s: float = 300.0) -> ModelPreloaded:
+        """Load chat model `model` now, through the GPU gate, so the next turn starts without a load. It stays the
+        current model (a simple turn keeps it) and yields like any idle chat model when a mode needs the VRAM.
+        Raises InsufficientVram when it does not fit (bytes needed, free, what would have to yield)."""
+        return self.client.preload(model, timeout_s)
+
+    def select_best_model(self, context: str) -> ModelSelection:
+        """The model that would answer the message `context` now, after the conversation so far, and why:
+        `model` (None: none can), `reason`, `kinds` (what the turn needs: code, reasoning, long, image, tool),
+        `load_needed`, and why each other model was not chosen (`rejected`). Nothing is loaded."""
+        return self.client._ask("chat", SelectModel(new_request_id(), context), max(10.0, self.client.config.system.ask_timeout_s))
+
+    def get_current_model_status(self) -> dict:
+        """The chat model in use: `model` (None: none loaded), its backend, tier, context window, footprint (and
+        whether it was measured), whether it was preloaded or is pinned, and the GPU's VRAM reading."""
+        listing = self.list_models()
+        row = next((r for r in listing.rows if r.current), None)
+        status = self.get_status()
+        data: dict = {"model": None, "pinned": listing.pinned, "vram": status.get("vram"),
+                      "chat_footprint_bytes": status.get("chat_footprint_bytes", 0)}
+        if row is not None:
+            data.update(model=row.key, backend=row.backend, tier=row.tier, context_window=row.context_window,
+                        footprint_bytes=row.footprint_bytes, footprint_measured=row.footprint_learned,
+                        loaded=row.loaded, preloaded=row.preloaded)
+        return data
 
     def shutdown(self) -> None:
         """Close this connection (Mai itself keeps running; `mai stop` stops it)."""
@@ -166,6 +203,17 @@ class Mai:
 
     async def aget_status(self) -> dict:
         return await asyncio.to_thread(self.get_status)
+
+    aget_system_status = aget_status
+
+    async def apreload_model(self, model: str, timeout_s: float = 300.0) -> ModelPreloaded:
+        return await asyncio.to_thread(self.preload_model, model, timeout_s)
+
+    async def aselect_best_model(self, context: str) -> ModelSelection:
+        return await asyncio.to_thread(self.select_best_model, context)
+
+    async def aget_current_model_status(self) -> dict:
+        return await asyncio.to_thread(self.get_current_model_status)
 
     async def ashutdown(self) -> None:
         await asyncio.to_thread(self.shutdown)

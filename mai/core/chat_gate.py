@@ -95,9 +95,20 @@ def chat_refusal(model: str, needed_bytes: int, grantable: int, world: World, pl
     claims = mode_claims_bytes(world, plan)
     message = (
         f"chat model {model} needs {gib(needed_bytes)}, the GPU gate can grant {gib(grantable)} "
-        f"({gib(world.reserve_bytes)} reserved"
+        f"({gib(world.free_bytes or 0)} free, {gib(world.reserve_bytes)} reserved"
         + (f", {gib(claims)} still to load for the mode" if claims else "")
         + (f", {gib(world.chat_bytes)} of it held by {world.chat_model}" if world.chat_bytes else "")
-        + ")"
+        + f"); to fit, {would_have_to_yield(world, plan)} would have to yield"
     )
     return InsufficientVram(message, needed_bytes=needed_bytes, free_bytes=grantable, evictable=())
+
+
+def would_have_to_yield(world: World, plan: Plan) -> str:
+    """Who holds or claims the VRAM a refused chat load lacks, for the person reading the refusal: Mai's parts the
+    mode keeps on the GPU (none of them yields to a chat model), else other programs."""
+    holders = []
+    if world.vlm_state in ("loaded", "loading") or mode_claims_bytes(world, plan) and plan.vlm_goal.state == "loaded":
+        holders.append(f"the VLM {world.vlm_model} ({gib(world.vlm_footprint_bytes)}, kept for the mode)")
+    if world.clip_placement == "gpu" or plan.clip_goal.state == "gpu":
+        holders.append(f"CLIP on the GPU ({gib(world.clip_footprint_bytes)})")
+    return ", ".join(holders) if holders else "other programs on the GPU (Mai holds nothing there)"

@@ -132,8 +132,8 @@ def models_table(rows: Any, current: str | None, pinned: str | None) -> str:
     for row in rows:
         mark = ("*" if row.current else " ") + ("p" if row.pinned else " ")
         footprint = _mib(row.footprint_bytes) + (" (measured)" if row.footprint_learned else " (declared)")
-        table.append((mark, row.key, row.backend, str(row.tier), footprint, "yes" if row.loaded else "no",
-                      row.why_not or "-"))
+        loaded = ("yes (preloaded)" if row.preloaded else "yes") if row.loaded else "no"
+        table.append((mark, row.key, row.backend, str(row.tier), footprint, loaded, row.why_not or "-"))
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in table]
     lines.append(f"current: {current or '-'}; pinned: {pinned or 'no (Mai chooses)'}   (* current, p pinned)")
