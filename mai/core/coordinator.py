@@ -1000,6 +1000,8 @@ class Coordinator:
         """Loaded, usable, with no lease held or asked for and no VLM step in flight: it may give chat its place."""
         if not self.settings.chat_takes_idle_vlm or self._vlm_state != "loaded" or self._leases:
             return False
+        if self._mode != self._target and self.settings.modes[self._target].vlm == "loaded":
+            return False  # a mode being entered keeps its VLM (invariant 1); the chat gate must not count its bytes
         if "vlm" in self._health:
             return False
         if self._inflight is not None and self._inflight.step.kind in (LOAD_VLM, UNLOAD_VLM):

@@ -141,3 +141,20 @@ def test_a_vlm_taken_as_gone_on_a_reading_is_observed_again_when_ollama_answers(
     w.send(SetMode("a1", "autopilot"))
     w.advance(30.0)
     assert "UnloadVlm" in step_names(w) and w.vlm.state == "unloaded" and w.core.mode == "autopilot"
+
+
+def test_the_chat_gate_does_not_count_the_vlm_of_a_mode_being_entered():
+    # Found by the property test (invariant 12, the ledger over capacity): while RECORDING was being entered the plan
+    # kept its VLM, but the chat gate still counted the idle VLM's bytes as grantable, and a chat model loaded next to
+    # it past the reserve.
+    from messages.conversation import GetGrantable
+
+    w = SimWorld(settings(chat_min_bytes=1280 * MIB), gpu_total_bytes=6 * GIB + 512 * MIB, vlm_true_bytes=5 * GIB,
+                 vlm_loaded=True, clip_device="gpu", initial_mode="idle")
+    w.send(SetMode("r1", "recording"))  # CLIP's move to the CPU is in flight: RECORDING is not reached yet
+    w.send(GetGrantable("g1"), "chat")
+    assert w.reply("g1").grantable_bytes < 5 * GIB
+    w.advance(30.0)
+    assert w.core.mode == "recording"
+    w.send(GetGrantable("g2"), "chat")  # reached: an idle VLM may give chat its place again
+    assert w.reply("g2").grantable_bytes >= 5 * GIB
