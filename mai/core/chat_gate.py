@@ -93,10 +93,13 @@ def chat_refusal(model: str, needed_bytes: int, grantable: int, world: World, pl
     smaller model with it. Beyond an idle VLM (already counted in the grantable when it would give its place),
     nothing Mai holds yields to a chat model, so nothing is evictable."""
     claims = mode_claims_bytes(world, plan)
+    kept = _kept_now(world, plan)
     message = (
         f"chat model {model} needs {gib(needed_bytes)}, the GPU gate can grant {gib(grantable)} "
         f"({gib(world.free_bytes or 0)} free, {gib(world.reserve_bytes)} reserved"
         + (f", {gib(claims)} still to load for the mode" if claims else "")
+        + (f", {gib(kept)} kept for the VLM and CLIP while they are off the GPU (chat.leave_room_for_agent)"
+           if kept else "")
         + (f", {gib(world.chat_bytes)} of it held by {world.chat_model}" if world.chat_bytes else "")
         + f"); to fit, {would_have_to_yield(world, plan)} would have to yield"
     )
@@ -107,8 +110,20 @@ def would_have_to_yield(world: World, plan: Plan) -> str:
     """Who holds or claims the VRAM a refused chat load lacks, for the person reading the refusal: Mai's parts the
     mode keeps on the GPU (none of them yields to a chat model), else other programs."""
     holders = []
+    if _kept_now(world, plan):
+        holders.append("the room kept for the VLM and CLIP (set chat.leave_room_for_agent: false to lend it)")
     if world.vlm_state in ("loaded", "loading") or mode_claims_bytes(world, plan) and plan.vlm_goal.state == "loaded":
         holders.append(f"the VLM {world.vlm_model} ({gib(world.vlm_footprint_bytes)}, kept for the mode)")
     if world.clip_placement == "gpu" or plan.clip_goal.state == "gpu":
         holders.append(f"CLIP on the GPU ({gib(world.clip_footprint_bytes)})")
     return ", ".join(holders) if holders else "other programs on the GPU (Mai holds nothing there)"
+
+
+def _kept_now(world: World, plan: Plan) -> int:
+    """The bytes `grantable_bytes` keeps for the VLM and CLIP right now (0 when it does not keep them)."""
+    if not world.gpu or world.free_bytes is None:
+        return 0
+    room = (world.free_bytes + world.unconfirmed_bytes - world.reserve_bytes - mode_claims_bytes(world, plan)
+            + world.chat_bytes)
+    kept = kept_for_mai_bytes(world, plan)
+    return kept if kept and world.chat_min_bytes and room - kept >= world.chat_min_bytes else 0
