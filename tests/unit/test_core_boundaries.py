@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from mai.core.restart import RestartPolicy
 from mai.core.subscriptions import Subscribers
+from messages.resources import GpuProcess
 from tests.unit.test_chat_policy import BIG, MID, make_policy
 
 
@@ -30,3 +31,20 @@ def test_a_model_exactly_at_the_minimum_speed_is_not_too_slow() -> None:
     policy.record_success(MID, now=0.0, tokens_per_s=1.9)
     assert policy.learned_speed(BIG) == 2.0 and not policy.too_slow(BIG)  # "below min_tokens_per_s" is too slow
     assert policy.learned_speed(MID) == 1.9 and policy.too_slow(MID)
+
+
+def test_no_clip_pid_known_claims_no_row_and_any_real_pid_can_be_clips() -> None:
+    from mai.core.attribution import Owner, owner_of
+
+    assert owner_of(GpuProcess(0, "", 5), clip_pid=0) is Owner.OTHER  # 0: CLIP's process not known yet
+    assert owner_of(GpuProcess(1, "python3", 5), clip_pid=1) is Owner.CLIP  # a container's first process
+
+
+def test_a_parts_processes_are_summed_and_equal_others_are_listed_by_name() -> None:
+    from mai.core.attribution import Owner, split_use
+
+    rows = [GpuProcess(10, "ollama", 300), GpuProcess(11, "llama-server", 900, "ollama"), GpuProcess(20, "zed", 50),
+            GpuProcess(21, "alacritty", 50), GpuProcess(22, "kwin", 50)]
+    use = split_use(rows, clip_pid=0)
+    assert use.mai == ((Owner.OLLAMA, 1200),)  # the server and its runner: one part
+    assert use.others == (("alacritty", 50), ("kwin", 50), ("zed", 50))  # equal bytes: by name
