@@ -38,12 +38,11 @@ def main() -> None:
     examples = int(sys.argv[1]) if len(sys.argv) > 1 else GateMachine.TestCase.settings.max_examples
     drawn = int(sys.argv[2]) if len(sys.argv) > 2 else random.SystemRandom().randrange(2**32)
     print(f"seed {drawn} (again: ... {examples} {drawn})", flush=True)
-    derandomized = GateMachine.TestCase.settings.derandomize  # then the seed is ignored: the test's own draws
     chosen = settings(GateMachine.TestCase.settings, max_examples=examples, phases=[Phase.generate])
     run = seed(drawn)(lambda: run_state_machine_as_test(CountingMachine, settings=chosen))
     run()
     cases = counts.pop("cases")
-    print(f"{'derandomized' if derandomized else f'seed {drawn}'}: {cases} cases, "
+    print(f"seed {drawn}: {cases} cases, "
           f"stateful_step_count {chosen.stateful_step_count}")
     for what, n in counts.most_common():
         print(f"  {what:<13} {n:>4}  {n / cases:6.1%}")
