@@ -345,6 +345,7 @@ class _Measure:
     owner: Owner | None  # whose processes load it (NVML's per-process rows); None: only the device-wide change
     completed_at: float | None = None
     next_step_at: float | None = None  # when Mai's next VRAM-changing step was sent (readings after it are spoiled)
+    floor_bytes: int = 0  # what the part reports holding once loaded (Ollama's size_vram): a smaller change is spoiled
 
     @property
     def key(self) -> str:
@@ -716,7 +717,7 @@ class Coordinator:
             fx.append(Log("vlm.partial_offload", {"size_bytes": msg.size_bytes, "size_vram_bytes": msg.size_vram_bytes}))
             self._drop_measure(msg.step_id, "partial offload: the load shows how little fitted", fx)
         else:
-            self._measured_step_done(msg.step_id, now)
+            self._measured_step_done(msg.step_id, now, floor_bytes=msg.size_vram_bytes)
         if inflight is not None:
             if self._evicted_note is not None:
                 self._set_evicted_note(None, now, fx)
@@ -1430,9 +1431,9 @@ class Coordinator:
         if m is not None and m.completed_at is not None and m.next_step_at is None:
             m.next_step_at = now
 
-    def _measured_step_done(self, step_id: str, now: float) -> None:
+    def _measured_step_done(self, step_id: str, now: float, floor_bytes: int = 0) -> None:
         if self._measure is not None and self._measure.step_id == step_id:
-            self._measure.completed_at = now
+            self._measure.completed_at, self._measure.floor_bytes = now, floor_bytes
 
     def _drop_measure(self, step_id: str, why: str, fx: list[Effect]) -> None:
         m = self._measure
@@ -1453,7 +1454,7 @@ class Coordinator:
             fx.append(Log("footprint.not_measured", {"part": m.part, "model": m.model,
                                                      "reason": "Mai's next step began before a reading came"}))
             return
-        verdict = judge_delta(m.before, snapshot, m.declared_bytes, m.owner, self._clip_pid)
+        verdict = judge_delta(m.before, snapshot, m.declared_bytes, m.owner, self._clip_pid, m.floor_bytes)
         if verdict.nbytes is None:
             fx.append(Log("footprint.rejected", {"part": m.part, "key": m.key, "reason": verdict.reason,
                                                  "declared_bytes": m.declared_bytes}))

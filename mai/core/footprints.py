@@ -57,14 +57,17 @@ class Verdict:
 
 
 def judge_delta(before: VramSnapshot, after: VramSnapshot, declared_bytes: int,
-                owner: Owner | None = None, clip_pid: int = 0) -> Verdict:
+                owner: Owner | None = None, clip_pid: int = 0, floor_bytes: int = 0) -> Verdict:
     """The footprint a load by `owner` (the part whose processes load it) shows between two readings (numbered as in
     the code):
     (1) both readings must come from one GPU source (NVML's v1 and v2, torch and NVML differ in what "used" holds);
     (2) with per-process rows in both and the owner's processes in the second, what they grew by ("process_delta");
     (3) else the change in free bytes must be positive: a load that freed memory means something else left meanwhile;
     (4) and, either way, at most `MAX_OVER_DECLARED` × the declared footprint: more means something else loaded
-        meanwhile (another program, or another client's model in the same Ollama)."""
+        meanwhile (another program, or another client's model in the same Ollama);
+    (5) and at least `floor_bytes`, what the part itself says it holds on the GPU (Ollama's `size_vram`, which leaves
+        out only the CUDA context): less means something else freed memory meanwhile (a lagging release, another
+        program), and planning with it would over-commit the GPU (invariant 12)."""
     # (1)
     if not (before.gpu_present and after.gpu_present) or before.source != after.source:
         return Verdict(None, f"readings from different sources ({before.source} -> {after.source})")
@@ -86,4 +89,8 @@ def judge_delta(before: VramSnapshot, after: VramSnapshot, declared_bytes: int,
     if declared_bytes > 0 and delta > MAX_OVER_DECLARED * declared_bytes:
         return Verdict(None, f"{delta} bytes is more than {MAX_OVER_DECLARED:g}x the declared {declared_bytes}: "
                              "another program allocated memory meanwhile")
+    # (5)
+    if delta < floor_bytes:
+        return Verdict(None, f"{delta} bytes is less than the {floor_bytes} the part itself reports holding: "
+                             "memory was freed meanwhile")
     return Verdict(delta, how)

@@ -111,3 +111,15 @@ def test_without_a_gpu_nothing_is_measured_and_status_says_declared():
     w.advance(1)
     assert w.persisted == {} and not w.core.status("s", w.now).vlm.footprint_learned
     assert w.logs_of("footprint.not_measured")[0]["reason"] == "no GPU reading"
+
+
+def test_a_change_smaller_than_what_the_part_reports_holding_is_rejected() -> None:
+    """Ollama says the VLM holds 4.6 GiB (size_vram, without its CUDA context), yet free VRAM fell only 2.6 GiB: a
+    lagging release or another program freed memory during the load. Learning 2.6 GiB would let the plan put the
+    VLM where it does not fit (found by the coordinator property test on a fresh seed: the ledger past the reserve)."""
+    floor = 4980736000
+    spoiled = judge_delta(reading(8 * GIB), reading(8 * GIB - 2833252352, at=1.0), declared_bytes=6 * GIB,
+                          floor_bytes=floor)
+    assert spoiled.nbytes is None and "less than" in spoiled.reason
+    exact = judge_delta(reading(8 * GIB), reading(8 * GIB - floor, at=1.0), declared_bytes=6 * GIB, floor_bytes=floor)
+    assert exact.nbytes == floor
