@@ -263,7 +263,8 @@ class GetGrantable:
 @dataclass(frozen=True)
 class Grantable:
     """What the gate could give a chat model now (free − reserve − what the mode still needs + what the chat
-    model itself holds); None when there is no GPU limit (CPU only)."""
+    model itself holds). The coordinator always answers with a figure against some reading — host memory without
+    a GPU reading, 0 before the first reading — never "unlimited" (issue 12, hole 7)."""
 
     request_id: str
     grantable_bytes: int | None
